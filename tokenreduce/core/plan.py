@@ -1,0 +1,334 @@
+"""Plans, stages and budgets: validated with pydantic, compiled against the registry and a model.
+
+A :class:`Plan` is an ordered list of :class:`Stage` s.  A stage cuts before decoder layer
+``layer`` (K = 0 cuts before the first decoder layer; layer K is the first to see the reduced
+sequence), keeps ``keep`` visual tokens chosen by an optional ``scorer`` and a ``selector``, and
+gives the survivors positions by a policy: ``keep`` (their original RoPE ids, with gaps) or
+``renumber`` (contiguous ids, PDrop/FastV style).
+
+Budgets (``Stage.keep``):
+
+* an integer or ``{tokens: n}``: keep ``n`` visual tokens (all of them if the stage has fewer);
+* ``{ratio: r, of: current}``: keep ``round(r x tokens entering the stage)``;
+* ``{ratio: r, of: original}``: keep ``round(r x the sample's visual tokens before any stage)``;
+* ``{weight: w}``: a share of the plan's ``layer_average`` target.  With
+  ``layer_average: {tokens: T}`` (or ``{ratio: t}``: ``T = t x N``) the counts are
+  ``k_i = s x w_i`` with ``s`` chosen so that the average number of visual tokens per decoder
+  layer over all L layers equals T (pio-spec §3.1: the paper's "64 tokens" is such an average).
+
+Every form becomes an integer per stage and sample: ``1 <= k <= tokens entering the stage``
+(rounding is half-up; a count above what the stage has keeps all of them, documented, no error).
+A keep count of 0 or less is refused: use fewer stages or a smaller ratio instead.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import PlanError, UnknownComponentError
+from .registry import Registry, get_registry
+from .types import Need
+
+PositionPolicy = Literal["keep", "renumber"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tokens(_Strict):
+    """Keep an absolute number of visual tokens."""
+
+    tokens: int = Field(ge=1, description="visual tokens to keep (>= 1)")
+
+
+class Ratio(_Strict):
+    """Keep a fraction of the visual tokens entering the stage (``current``) or of the sample's
+    visual tokens before any stage (``original``)."""
+
+    ratio: float = Field(gt=0.0, le=1.0, description="fraction in (0, 1]")
+    of: Literal["current", "original"] = "current"
+
+
+class Weight(_Strict):
+    """A share of the plan's ``layer_average`` target (only with ``Plan.layer_average``)."""
+
+    weight: float = Field(gt=0.0)
+
+
+Keep = Union[Tokens, Ratio, Weight]
+
+
+class LayerAverage(_Strict):
+    """Target average visual tokens per decoder layer: ``{tokens: 64}`` or ``{ratio: 0.111}``
+    (a fraction of the sample's original visual tokens)."""
+
+    tokens: float | None = Field(default=None, gt=0)
+    ratio: float | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> "LayerAverage":
+        if (self.tokens is None) == (self.ratio is None):
+            raise ValueError("give exactly one of 'tokens' or 'ratio'")
+        return self
+
+    def target(self, n_visual: int) -> float:
+        return float(self.tokens) if self.tokens is not None else float(self.ratio) * n_visual
+
+
+class ComponentRef(BaseModel):
+    """A registry name plus that component's settings: ``"topk"`` or ``{name: pio, loss_positions: 4}``."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, data: Any) -> Any:
+        return {"name": data} if isinstance(data, str) else data
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class Stage(_Strict):
+    """One cut: before decoder layer ``layer``, keep ``keep`` visual tokens."""
+
+    layer: int = Field(ge=0, description="cut before this decoder layer (0 = before the first)")
+    keep: Keep
+    scorer: ComponentRef | None = None
+    selector: ComponentRef = ComponentRef(name="topk")
+    positions: PositionPolicy | None = Field(default=None, description="overrides Plan.positions")
+
+    @field_validator("keep", mode="before")
+    @classmethod
+    def _int_keep(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("keep must be a number of tokens or a mapping, not a boolean")
+        if isinstance(value, int):
+            return {"tokens": value}
+        if isinstance(value, float):
+            raise ValueError(f"keep={value} is a float: write {{ratio: {value}}} or an integer token count")
+        return value
+
+
+class Plan(_Strict):
+    """An ordered list of stages applied in one forward pass."""
+
+    name: str | None = None
+    description: str = ""
+    positions: PositionPolicy = "keep"
+    layer_average: LayerAverage | None = None
+    stages: list[Stage] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Plan":
+        layers = [s.layer for s in self.stages]
+        for i in range(1, len(layers)):
+            if layers[i] <= layers[i - 1]:
+                raise ValueError(
+                    f"stages must cut at strictly increasing layers; got layers {layers} "
+                    f"(stages.{i}.layer={layers[i]} is not greater than stages.{i - 1}.layer={layers[i - 1]})"
+                )
+        weighted = [isinstance(s.keep, Weight) for s in self.stages]
+        if self.layer_average is not None and not all(weighted):
+            bad = [i for i, w in enumerate(weighted) if not w]
+            raise ValueError(
+                f"with layer_average every stage's keep must be {{weight: w}}; stages {bad} are not"
+            )
+        if self.layer_average is None and any(weighted):
+            bad = [i for i, w in enumerate(weighted) if w]
+            raise ValueError(f"stages {bad} use keep={{weight: ...}}, which needs plan.layer_average")
+        return self
+
+    def policy(self, stage: int) -> PositionPolicy:
+        return self.stages[stage].positions or self.positions
+
+    # -- budget arithmetic --------------------------------------------------------------------
+    def keep_counts(self, n_visual: int, n_layers: int) -> list[int]:
+        """Integer visual tokens kept by each stage for a sample with ``n_visual`` visual tokens
+        in a model of ``n_layers`` decoder layers."""
+        if n_visual <= 0:
+            return [0] * len(self.stages)
+        scale = self._weight_scale(n_visual, n_layers) if self.layer_average is not None else None
+        counts, current = [], n_visual
+        for stage in self.stages:
+            k = stage.keep
+            if isinstance(k, Tokens):
+                want = k.tokens
+            elif isinstance(k, Ratio):
+                base = current if k.of == "current" else n_visual
+                want = _round_half_up(k.ratio * base)
+            else:  # Weight
+                want = _round_half_up(scale * k.weight)
+            current = max(1, min(want, current))
+            counts.append(current)
+        return counts
+
+    def visual_per_layer(self, n_visual: int, n_layers: int) -> list[int]:
+        """Visual tokens each decoder layer sees (length ``n_layers``)."""
+        counts = self.keep_counts(n_visual, n_layers)
+        per_layer, current, si = [], n_visual, 0
+        for layer in range(n_layers):
+            while si < len(self.stages) and self.stages[si].layer == layer:
+                current = counts[si]
+                si += 1
+            per_layer.append(current)
+        return per_layer
+
+    def layer_average_for(self, n_visual: int, n_layers: int) -> float:
+        """Average visual tokens per decoder layer (pio-spec §3.1 convention)."""
+        per_layer = self.visual_per_layer(n_visual, n_layers)
+        return sum(per_layer) / n_layers
+
+    def _weight_scale(self, n_visual: int, n_layers: int) -> float:
+        target = self.layer_average.target(n_visual)
+        first = self.stages[0].layer
+        bounds = [s.layer for s in self.stages] + [n_layers]
+        weighted_span = sum((bounds[i + 1] - bounds[i]) * s.keep.weight for i, s in enumerate(self.stages))
+        budget = target * n_layers - first * n_visual
+        if budget <= 0 or weighted_span <= 0:
+            raise PlanError(
+                f"layer_average target {target:g} is unreachable: the first {first} layer(s) already see "
+                f"{n_visual} visual tokens each, i.e. an average of at least {first * n_visual / n_layers:g} "
+                f"over {n_layers} layers; cut earlier (stages.0.layer) or raise layer_average"
+            )
+        return budget / weighted_span
+
+
+def _round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+# -- compilation ------------------------------------------------------------------------------
+@dataclass
+class CompiledStage:
+    """A stage with its components instantiated."""
+
+    index: int
+    spec: Stage
+    scorer: Any | None
+    selector: Any
+    policy: PositionPolicy
+
+    @property
+    def layer(self) -> int:
+        return self.spec.layer
+
+    @property
+    def needs(self) -> Need:
+        needs = Need.HIDDEN | getattr(self.selector, "needs", Need.NONE)
+        if self.scorer is not None:
+            needs |= getattr(self.scorer, "needs", Need.NONE)
+        return needs
+
+
+@dataclass
+class CompiledPlan:
+    """A plan checked against a registry and (optionally) a model depth and adapter."""
+
+    plan: Plan
+    stages: list[CompiledStage]
+    n_layers: int | None = None
+
+    def keep_counts(self, n_visual: int) -> list[int]:
+        return self.plan.keep_counts(n_visual, self.n_layers)
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]) if p != "")
+        # drop pydantic's union-member tags (e.g. 'Tokens') from the path
+        loc = ".".join(p for p in loc.split(".") if p not in ("Tokens", "Ratio", "Weight", "function-before[_from_name(), ComponentRef]"))
+        value = err.get("input")
+        shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
+        lines.append(f"  {loc or '<plan>'}: {err['msg']}{shown}")
+    return "invalid plan:\n" + "\n".join(lines)
+
+
+def parse_plan(spec: Plan | dict | str) -> Plan:
+    """Turn a :class:`Plan`, a plain mapping, or a preset name into a validated :class:`Plan`."""
+    if isinstance(spec, Plan):
+        return spec
+    if isinstance(spec, str):
+        from .presets import load_preset
+
+        return load_preset(spec)
+    if not isinstance(spec, dict):
+        raise PlanError(f"a plan must be a Plan, a mapping or a preset name; got {type(spec).__name__}")
+    try:
+        return Plan.model_validate(spec)
+    except ValidationError as exc:
+        raise PlanError(format_validation_error(exc)) from None
+
+
+def _instantiate(registry: Registry, kind: str, ref: ComponentRef, path: str):
+    try:
+        comp = registry.get(kind, ref.name, context=path + ".name")
+    except UnknownComponentError as exc:
+        raise PlanError(str(exc)) from None
+    try:
+        settings = comp.settings.model_validate(ref.settings)
+    except ValidationError as exc:
+        raise PlanError(format_validation_error(exc, prefix=path)) from None
+    return comp.cls(settings)
+
+
+def build_plan(
+    spec: Plan | dict | str,
+    *,
+    n_layers: int | None = None,
+    adapter: type | None = None,
+    registry: Registry | None = None,
+) -> CompiledPlan:
+    """Validate a plan, instantiate its components and (given ``n_layers`` / ``adapter``) check
+    that it fits the model: cut layers in range, every needed signal provided."""
+    plan = parse_plan(spec)
+    registry = registry or get_registry()
+    stages = []
+    for i, st in enumerate(plan.stages):
+        scorer = _instantiate(registry, "scorer", st.scorer, f"stages.{i}.scorer") if st.scorer else None
+        selector = _instantiate(registry, "selector", st.selector, f"stages.{i}.selector")
+        if getattr(selector, "needs_scores", False) and scorer is None:
+            raise PlanError(
+                f"stages.{i}.selector: {st.selector.name!r} ranks by scores, but stages.{i}.scorer is empty; "
+                f"add a scorer or use a selector that needs none ({_score_free(registry)})"
+            )
+        stages.append(CompiledStage(i, st, scorer, selector, plan.policy(i)))
+    compiled = CompiledPlan(plan, stages, n_layers)
+    if n_layers is not None:
+        for cs in stages:
+            if cs.layer >= n_layers:
+                raise PlanError(
+                    f"stages.{cs.index}.layer={cs.layer} is out of range: the model has {n_layers} decoder "
+                    f"layers, so a cut layer must be in 0..{n_layers - 1}"
+                )
+            for part, comp in (("scorer", cs.scorer), ("selector", cs.selector)):
+                check = getattr(comp, "check_stage", None)
+                if check is not None:
+                    problem = check(cs.layer, n_layers)
+                    if problem:
+                        raise PlanError(f"stages.{cs.index}.{part} ({getattr(cs.spec, part).name}): {problem}")
+        if plan.layer_average is not None and plan.layer_average.ratio is not None:
+            plan.keep_counts(1000, n_layers)  # raises if the ratio target is unreachable at this depth
+    if adapter is not None:
+        provides = getattr(adapter, "provides", Need.HIDDEN)
+        for cs in stages:
+            missing = cs.needs & ~provides
+            if missing:
+                raise PlanError(
+                    f"stages.{cs.index}: needs signals [{missing.describe()}] that the "
+                    f"{adapter.__name__} adapter cannot provide (it provides: {provides.describe()})"
+                )
+    return compiled
+
+
+def _score_free(registry: Registry) -> str:
+    names = [c.name for c in registry.components("selector") if not getattr(c.cls, "needs_scores", False)]
+    return ", ".join(names) or "none registered"

@@ -1,0 +1,224 @@
+"""The data exchanged between adapters, scorers and selectors.
+
+Shapes use these letters: ``B`` batch, ``S`` current sequence length at the cut, ``N`` visual
+candidates per sample (padded to the batch maximum, see ``visual_valid``), ``d`` hidden size,
+``k`` kept tokens per sample (padded to the batch maximum, see ``Selection.valid``).
+
+Samples may differ in how many visual tokens they have (ragged batches), so every per-sample
+quantity comes with a boolean validity mask instead of relying on equal lengths.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+class Need(enum.Flag):
+    """Signals a strategy reads and an adapter can supply.
+
+    Strategies declare ``needs``; adapters declare ``provides``.  Building a plan fails when a
+    strategy needs a signal that the model's adapter cannot provide.
+    """
+
+    NONE = 0
+    #: hidden states at the cut, their validity and the visual candidates (always provided)
+    HIDDEN = enum.auto()
+    #: attention probabilities of chosen query rows at a decoder layer, recomputed from the
+    #: layer's own projections (works under sdpa and flash-attention)
+    ATTENTION_ROWS = enum.auto()
+    #: key states (after RoPE) at a decoder layer
+    KEY_STATES = enum.auto()
+    #: a differentiable forward of one decoder layer (optionally at a few query rows only) plus
+    #: the final norm and the LM head: what gradient-saliency scorers need
+    LAYER_PROBE = enum.auto()
+    #: CLS-to-patch attention in the vision tower
+    VISION_CLS_ATTENTION = enum.auto()
+    #: (image, row, column) of each visual token on its image's grid
+    VISUAL_GRID = enum.auto()
+
+    def describe(self) -> str:
+        """Comma-separated lower-case names of the flags set, e.g. ``"attention_rows, visual_grid"``."""
+        names = [m.name.lower() for m in Need if m and m in self and m.name]
+        return ", ".join(names) or "none"
+
+
+@runtime_checkable
+class SignalSource(Protocol):
+    """Architecture-specific signals an adapter computes on request for one stage.
+
+    Layer arguments are offsets relative to the cut layer ``K`` of the stage: offset 0 is the
+    decoder layer that will consume the reduced sequence (layer K), offset -1 the layer that
+    produced the hidden states at the cut (layer K-1).  All returned tensors are on the model's
+    device; probabilities are float32.
+    """
+
+    provides: Need
+
+    def attention_rows(self, query_index: Tensor, layer_offset: int = -1) -> Tensor:
+        """Attention probabilities of the queries at ``query_index`` (``[B, Q]`` positions in the
+        current sequence) over all keys of the current sequence, per head: ``[B, H, Q, S]``
+        float32.  Padding keys get probability 0; causal masking applies."""
+        ...
+
+    def key_states(self, layer_offset: int = -1) -> Tensor:
+        """Key states after RoPE at a decoder layer: ``[B, H_kv, S, head_dim]``."""
+        ...
+
+    def layer_forward(self, hidden: Tensor, rows: Tensor | None, layer_offset: int = 0) -> Tensor:
+        """Differentiable forward of one decoder layer on ``hidden`` (``[B, S, d]``) with the
+        current positions and a causal+padding mask, no KV cache.  With ``rows`` (``[B, R]``
+        positions) only those query rows are computed (keys and values still come from every
+        position) and ``[B, R, d]`` is returned; with ``None`` the full ``[B, S, d]``."""
+        ...
+
+    def lm_logits(self, hidden: Tensor) -> Tensor:
+        """Final norm then LM head: ``[..., d] -> [..., vocab]`` (differentiable)."""
+        ...
+
+    def visual_grid(self) -> Tensor:
+        """``[B, N, 3]`` long: (image index within the sample, row, column) of each candidate."""
+        ...
+
+
+@dataclass
+class TokenView:
+    """What a scorer or selector sees at one cut: tensors plus on-demand signals.
+
+    Attributes:
+        layer: the cut layer K (0 = before the first decoder layer).
+        stage: index of the stage in the plan.
+        hidden: ``[B, S, d]`` hidden states entering layer K (model dtype).
+        valid: ``[B, S]`` bool, False at padding slots.
+        visual_index: ``[B, N]`` long, positions of the visual candidates in the current sequence
+            (ascending; 0 where ``visual_valid`` is False).
+        visual_valid: ``[B, N]`` bool.
+        original_index: ``[B, N]`` long, positions of the candidates in the original input
+            sequence (-1 where invalid).
+        n_original_visual: ``[B]`` long, visual tokens of each sample before any stage.
+        signals: the adapter's :class:`SignalSource` for this stage.
+    """
+
+    layer: int
+    stage: int
+    hidden: Tensor
+    valid: Tensor
+    visual_index: Tensor
+    visual_valid: Tensor
+    original_index: Tensor
+    n_original_visual: Tensor
+    signals: SignalSource
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def n_visual(self) -> Tensor:
+        """``[B]`` long: visual candidates per sample at this cut."""
+        return self.visual_valid.sum(-1)
+
+    def visual_hidden(self) -> Tensor:
+        """``[B, N, d]`` hidden states of the visual candidates (zeros where invalid)."""
+        if "visual_hidden" not in self.cache:
+            idx = self.visual_index.unsqueeze(-1).expand(-1, -1, self.hidden.shape[-1])
+            h = self.hidden.gather(1, idx)
+            self.cache["visual_hidden"] = h.masked_fill(~self.visual_valid.unsqueeze(-1), 0)
+        return self.cache["visual_hidden"]
+
+
+@dataclass
+class Selection:
+    """The visual candidates a selector keeps.
+
+    Attributes:
+        index: ``[B, k]`` long, indices into the candidate list (0..N-1), strictly ascending in the
+            valid part of each row; padded with 0 where ``valid`` is False.
+        valid: ``[B, k]`` bool; row ``b`` has exactly ``keep[b]`` True entries, at the front.
+    """
+
+    index: Tensor
+    valid: Tensor
+
+    @classmethod
+    def from_lists(cls, rows: list[list[int]] | list[Tensor], device=None) -> "Selection":
+        """Build from one index list per sample (any order; sorted here)."""
+        rows = [torch.as_tensor(r, dtype=torch.long, device=device).flatten().sort().values for r in rows]
+        k = max((len(r) for r in rows), default=0)
+        index = torch.zeros(len(rows), k, dtype=torch.long, device=device)
+        valid = torch.zeros(len(rows), k, dtype=torch.bool, device=device)
+        for b, r in enumerate(rows):
+            index[b, : len(r)] = r
+            valid[b, : len(r)] = True
+        return cls(index, valid)
+
+    @classmethod
+    def from_mask(cls, keep_mask: Tensor) -> "Selection":
+        """Build from a ``[B, N]`` bool mask of kept candidates (vectorised, order preserved)."""
+        counts = keep_mask.sum(-1)
+        k = int(counts.max()) if keep_mask.numel() else 0
+        n = keep_mask.shape[-1]
+        # stable sort puts kept candidates first, in ascending order
+        order = torch.argsort((~keep_mask).to(torch.int8), dim=-1, stable=True)[:, :k]
+        valid = torch.arange(k, device=keep_mask.device).unsqueeze(0) < counts.unsqueeze(1)
+        index = torch.where(valid, order, torch.zeros_like(order)) if n else order
+        return cls(index, valid)
+
+    def to_lists(self) -> list[list[int]]:
+        return [row[v].tolist() for row, v in zip(self.index, self.valid)]
+
+
+@dataclass
+class StageTrace:
+    """What one stage did during the last prefill.
+
+    Attributes:
+        stage: index in the plan; layer: cut layer K.
+        tokens_before / tokens_after: per-sample sequence length (valid tokens) before and after.
+        visual_before / visual_after: per-sample visual-token counts.
+        kept: per sample, the kept visual tokens as indices into the original input sequence.
+        seconds: wall time spent scoring and selecting (host clock).
+    """
+
+    stage: int
+    layer: int
+    tokens_before: list[int]
+    tokens_after: list[int]
+    visual_before: list[int]
+    visual_after: list[int]
+    kept: list[list[int]]
+    seconds: float = 0.0
+
+
+@dataclass
+class Trace:
+    """The record of the last prefill forward under an attachment.
+
+    ``final_index[b]`` maps each valid position of the model's output sequence (e.g. the rows of
+    ``logits``) to its position in the original input.
+    """
+
+    stages: list[StageTrace] = field(default_factory=list)
+    n_layers: int = 0
+    original_visual: list[int] = field(default_factory=list)
+    final_index: list[list[int]] = field(default_factory=list)
+
+    def visual_per_layer(self, sample: int = 0) -> list[int]:
+        """Visual tokens seen by each decoder layer for one sample (length ``n_layers``)."""
+        counts = []
+        current = self.original_visual[sample] if self.original_visual else 0
+        by_layer = {s.layer: s.visual_after[sample] for s in self.stages}
+        for layer in range(self.n_layers):
+            current = by_layer.get(layer, current)
+            counts.append(current)
+        return counts
+
+    def layer_average(self, sample: int = 0) -> float:
+        """Average visual tokens per decoder layer for one sample."""
+        counts = self.visual_per_layer(sample)
+        return sum(counts) / len(counts) if counts else 0.0

@@ -1,0 +1,19 @@
+"""Strategies: scorers and selectors, one module per method.
+
+Built-in strategies register through the same pluggy hook as third-party ones.
+"""
+
+from tokenreduce.core.registry import hookimpl
+
+
+@hookimpl
+def tokenreduce_register(registry) -> None:
+    from .norm import NormScorer
+    from .random_select import RandomSelector
+    from .topk import TopKSelector
+    from .uniform import UniformSelector
+
+    registry.scorer("norm", NormScorer)
+    registry.selector("topk", TopKSelector)
+    registry.selector("random", RandomSelector)
+    registry.selector("uniform", UniformSelector)
