@@ -341,11 +341,15 @@ def build_tiny(
 # processors
 
 
-def make_processor(kind: str, tokenizer: PreTrainedTokenizerFast | None = None) -> ProcessorMixin:
+def make_processor(
+    kind: str, tokenizer: PreTrainedTokenizerFast | None = None, image_size: int = 56, patch: int = 14
+) -> ProcessorMixin:
     """A local processor for ``kind`` built around :func:`make_tokenizer` (left padding).
 
     - ``"llava"``: ``LlavaProcessor`` with the PIL ``LlavaImageProcessorPil`` (resize shortest edge
-      to 56, centre-crop 56x56); ``<image>`` expands to 16 placeholder tokens.
+      to ``image_size``, centre-crop); ``<image>`` expands to ``(image_size // patch) ** 2``
+      placeholder tokens (16 at the default 56 px / patch 14).  Match the model's
+      ``llava_config(image_size=..., patch=...)``.
     - ``"llava_next"``: ``LlavaNextProcessor`` with ``LlavaNextImageProcessorPil`` (anyres, base
       56 px, pinpoints ``[[56, 112], [112, 56], [112, 112]]``); ``<image>`` expands to the number of
       visual tokens of that image size.
@@ -358,11 +362,13 @@ def make_processor(kind: str, tokenizer: PreTrainedTokenizerFast | None = None) 
     if kind == "llava":
         from transformers import LlavaImageProcessorPil, LlavaProcessor
 
-        image_processor = LlavaImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+        image_processor = LlavaImageProcessorPil(
+            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
+        )
         return LlavaProcessor(
             image_processor=image_processor,
             tokenizer=tok,
-            patch_size=14,
+            patch_size=patch,
             vision_feature_select_strategy="default",
             image_token="<image>",
             num_additional_image_tokens=1,  # CLS, dropped by the "default" strategy
