@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+import typing
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from .errors import PlanError, UnknownComponentError
 from .registry import Registry, get_registry
@@ -60,7 +61,27 @@ class Weight(_Strict):
     weight: float = Field(gt=0.0)
 
 
-Keep = Union[Tokens, Ratio, Weight]
+KEEP_FORMS = "an integer, {tokens: n}, {ratio: r, of: current|original} or {weight: w}"
+
+
+def _keep_form(value: Any) -> str | None:
+    if isinstance(value, BaseModel):
+        return type(value).__name__.lower()
+    if isinstance(value, dict):
+        for key in ("tokens", "ratio", "weight"):
+            if key in value:
+                return key
+    return None
+
+
+Keep = Annotated[
+    Union[Annotated[Tokens, Tag("tokens")], Annotated[Ratio, Tag("ratio")], Annotated[Weight, Tag("weight")]],
+    Discriminator(
+        _keep_form,
+        custom_error_type="keep_form",
+        custom_error_message=f"keep must be {KEEP_FORMS}",
+    ),
+]
 
 
 class LayerAverage(_Strict):
@@ -202,7 +223,7 @@ class Plan(_Strict):
 
 
 def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return int(math.floor(round(x, 9) + 0.5))  # round(x, 9): 0.29 * 50 = 14.499999999999998 is 14.5
 
 
 # -- compilation ------------------------------------------------------------------------------
@@ -237,18 +258,59 @@ class CompiledPlan:
     n_layers: int | None = None
 
     def keep_counts(self, n_visual: int) -> list[int]:
-        return self.plan.keep_counts(n_visual, self.n_layers)
+        if self.n_layers is None and self.plan.layer_average is not None:
+            raise PlanError("this plan's budget is a layer_average: build it with n_layers (the model depth)")
+        return self.plan.keep_counts(n_visual, self.n_layers or 0)
 
 
-def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (Optional/list/Annotated/Union: the first one)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _submodel(arg)
+        if found is not None:
+            return found
+    return None
+
+
+_KEEP_TAGS = ("tokens", "ratio", "weight")
+
+
+def _allowed_keys(root: type[BaseModel] | None, loc: tuple) -> list[str] | None:
+    """Field names of the model that holds the last key of ``loc`` (walking from ``root``);
+    ``loc`` as pydantic reports it (with the keep-form tag after ``keep``)."""
+    model, parts, i = root, loc[:-1], 0
+    while i < len(parts) and model is not None:
+        part = parts[i]
+        if part == "keep" and i + 1 < len(parts):  # the discriminated keep union: next part is the form's tag
+            model = {"tokens": Tokens, "ratio": Ratio, "weight": Weight}.get(parts[i + 1])
+            i += 2
+            continue
+        if not isinstance(part, int):
+            field = model.model_fields.get(part)
+            model = _submodel(field.annotation) if field is not None else None
+        i += 1
+    return sorted(model.model_fields) if model is not None else None
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "", root: type[BaseModel] | None = None) -> str:
+    """One line per error: ``path: message (got value)``; unknown keys list the allowed ones."""
+    root = root if root is not None else Plan
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(err["loc"]) if p != "")
-        # drop pydantic's union-member tags (e.g. 'Tokens') from the path
-        loc = ".".join(p for p in loc.split(".") if p not in ("Tokens", "Ratio", "Weight", "function-before[_from_name(), ComponentRef]"))
+        raw = tuple(err["loc"])
+        loc = raw
+        # drop the keep-form tag pydantic inserts for the discriminated union: keep.ratio.ratio -> keep.ratio
+        loc = tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "keep" and p in _KEEP_TAGS and i + 1 < len(loc)))
+        path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(root, raw)
+            message = f"unknown key {loc[-1]!r}" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
         value = err.get("input")
-        shown = f" (got {value!r})" if not isinstance(value, (dict, list)) else ""
-        lines.append(f"  {loc or '<plan>'}: {err['msg']}{shown}")
+        shown = f" (got {value!r})" if not isinstance(value, (dict, list)) and err["type"] != "extra_forbidden" else ""
+        lines.append(f"  {path or '<plan>'}: {message}{shown}")
     return "invalid plan:\n" + "\n".join(lines)
 
 
@@ -276,7 +338,7 @@ def _instantiate(registry: Registry, kind: str, ref: ComponentRef, path: str):
     try:
         settings = comp.settings.model_validate(ref.settings)
     except ValidationError as exc:
-        raise PlanError(format_validation_error(exc, prefix=path)) from None
+        raise PlanError(format_validation_error(exc, prefix=path, root=comp.settings)) from None
     return comp.cls(settings)
 
 

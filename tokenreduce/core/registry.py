@@ -177,7 +177,13 @@ def make_plugin_manager(builtins: Iterable[tuple[str, Any]] | None = None, entry
                     f"plugin entry point {ep.name!r} ({ep.value}) of distribution {label} failed to import: "
                     f"{type(exc).__name__}: {exc}. Fix or uninstall {label.split(' ')[0]!r}."
                 ) from exc
-            pm.register(plugin, name=f"{label} (entry point {ep.name!r})")
+            name = f"{label} (entry point {ep.name!r})"
+            pm.register(plugin, name=name)
+            try:
+                pm.check_pending()
+            except pluggy.PluginValidationError as exc:
+                raise PluginLoadError(f"plugin {name}: {exc} (the hook is spelled tokenreduce_register)") from exc
+    pm.check_pending()
     return pm
 
 

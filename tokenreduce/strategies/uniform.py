@@ -23,6 +23,7 @@ from tokenreduce.core.types import Need, Selection, TokenView
 def split_budget(counts: list[int], k: int) -> list[int]:
     """Split ``k`` over groups proportionally to ``counts`` (largest remainder, capped at counts)."""
     total = sum(counts)
+    k = min(k, total)
     if total == 0:
         return [0] * len(counts)
     quotas = [k * c / total for c in counts]

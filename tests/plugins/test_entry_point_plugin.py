@@ -1,0 +1,239 @@
+"""A real entry-point plugin: a fake installed distribution on ``sys.path`` is found by
+``importlib.metadata``, loaded through pluggy, and its components are usable by name."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import tokenreduce
+from tokenreduce import DuplicateComponentError, PlanError, PluginLoadError
+from tokenreduce.core.registry import get_registry, reset_registry
+from tokenreduce.core.types import TokenView
+
+GOOD_MODULE = '''
+"""A third-party strategy package, as a user would write it."""
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from tokenreduce.core.registry import hookimpl
+from tokenreduce.core.types import Need, Selection
+
+
+class FakeScore:
+    """Fake scorer: prefers early candidates (score = sign * candidate index)."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        sign: float = -1.0
+
+    needs = Need.HIDDEN
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def score(self, view):
+        B, N = view.visual_valid.shape
+        return self.settings.sign * torch.arange(N, dtype=torch.float32, device=view.hidden.device).expand(B, N)
+
+
+class FakeLast:
+    """Fake selector: keeps the last k candidates of each sample."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    needs = Need.NONE
+    needs_scores = False
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def select(self, view, scores, keep):
+        rows = [list(range(n - k, n)) for n, k in zip(view.n_visual.tolist(), keep.tolist())]
+        return Selection.from_lists(rows, device=view.hidden.device)
+
+
+@hookimpl
+def tokenreduce_register(registry):
+    registry.scorer("fake_score", FakeScore)
+    registry.selector("fake_last", FakeLast)
+'''
+
+BROKEN_MODULE = '''
+import a_module_that_is_not_installed_anywhere  # raises ImportError on import
+'''
+
+CLASH_MODULE = '''
+from pydantic import BaseModel, ConfigDict
+from tokenreduce.core.registry import hookimpl
+
+
+class MyTopK:
+    """Another topk."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+
+@hookimpl
+def tokenreduce_register(registry):
+    registry.selector("topk", MyTopK)
+'''
+
+
+@pytest.fixture
+def install(tmp_path, monkeypatch):
+    """``install(dist_name, module_name, source)`` fakes ``pip install`` of a one-module
+    distribution exposing ``module_name`` under the ``tokenreduce`` entry-point group."""
+    modules: list[str] = []
+
+    def _install(dist: str, module: str, source: str, version: str = "0.0.1", ep_name: str = "fake") -> Path:
+        root = tmp_path / dist
+        info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
+        info.mkdir(parents=True)
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[tokenreduce]\n{ep_name} = {module}\n")
+        (root / f"{module}.py").write_text(textwrap.dedent(source))
+        modules.append(module)
+        monkeypatch.syspath_prepend(str(root))  # also invalidates the import/metadata caches
+        reset_registry()
+        return root
+
+    reset_registry()
+    yield _install
+    for module in modules:
+        sys.modules.pop(module, None)
+    monkeypatch.undo()  # sys.path back to normal before the registry is rebuilt by anyone
+    reset_registry()
+
+
+def test_registry_is_normal_without_plugins():
+    # also guards that the fixtures below leave no trace for the tests that follow them
+    names = {c["name"] for c in tokenreduce.list_components()}
+    assert "fake_score" not in names and "fake_last" not in names
+
+
+def test_plugin_components_listed_with_distribution_origin(install):
+    install("tokenreduce-fake-plugin", "fake_tokenreduce_plugin", GOOD_MODULE)
+    listed = {(c["kind"], c["name"]): c for c in tokenreduce.list_components()}
+    for key in [("scorer", "fake_score"), ("selector", "fake_last")]:
+        assert key in listed
+        assert listed[key]["origin"].startswith("tokenreduce-fake-plugin 0.0.1"), listed[key]["origin"]
+        assert "'fake'" in listed[key]["origin"]  # the entry point's name
+    assert listed[("scorer", "fake_score")]["summary"].startswith("Fake scorer")
+    # the built-ins are still there, with their own origin
+    assert listed[("selector", "topk")]["origin"].startswith("builtin:")
+
+
+def test_plugin_components_usable_by_name_on_synthetic_data(install):
+    install("tokenreduce-fake-plugin", "fake_tokenreduce_plugin", GOOD_MODULE)
+    compiled = tokenreduce.build_plan(
+        {
+            "stages": [
+                {"layer": 1, "keep": 6, "scorer": "fake_score", "selector": "topk"},
+                {"layer": 3, "keep": 2, "selector": "fake_last"},
+            ]
+        },
+        n_layers=4,
+    )
+    B, N, d = 2, 10, 4
+    n = torch.tensor([10, 8])
+    valid = torch.arange(N).unsqueeze(0) < n.unsqueeze(1)
+    view = TokenView(
+        layer=1,
+        stage=0,
+        hidden=torch.randn(B, N + 2, d),
+        valid=torch.ones(B, N + 2, dtype=torch.bool),
+        visual_index=torch.where(valid, torch.arange(1, N + 1).expand(B, N), 0),
+        visual_valid=valid,
+        original_index=torch.where(valid, torch.arange(1, N + 1).expand(B, N), -1),
+        n_original_visual=n,
+        signals=None,
+    )
+    first, second = compiled.stages
+    scores = first.scorer.score(view)
+    keep = torch.tensor([6, 6])
+    assert first.selector.select(view, scores, keep).to_lists() == [[0, 1, 2, 3, 4, 5]] * 2
+    assert second.selector.select(view, None, torch.tensor([2, 2])).to_lists() == [[8, 9], [6, 7]]
+
+
+def test_plugin_settings_validated_like_builtins(install):
+    install("tokenreduce-fake-plugin", "fake_tokenreduce_plugin", GOOD_MODULE)
+    plan = {"stages": [{"layer": 1, "keep": 2, "scorer": {"name": "fake_score", "sgn": 1}, "selector": "topk"}]}
+    with pytest.raises(PlanError, match=r"stages\.0\.scorer\.sgn"):
+        tokenreduce.build_plan(plan)
+    plan["stages"][0]["scorer"] = {"name": "fake_score", "sign": 1}
+    assert tokenreduce.build_plan(plan).stages[0].scorer.settings.sign == 1.0
+
+
+def test_plugin_runs_in_a_tiny_model(install):
+    from tokenreduce.testing.tiny import IMAGE_TOKEN_ID, build_tiny, make_inputs
+
+    install("tokenreduce-fake-plugin", "fake_tokenreduce_plugin", GOOD_MODULE)
+    model = build_tiny("llava")
+    inputs = make_inputs("llava", ["USER: <image> what color is the shape? ASSISTANT:"])
+    visual = torch.nonzero(inputs["input_ids"][0] == IMAGE_TOKEN_ID).flatten().tolist()
+    assert len(visual) == 16
+    plan = {
+        "stages": [
+            {"layer": 1, "keep": 6, "scorer": "fake_score", "selector": "topk"},  # the first 6
+            {"layer": 2, "keep": 2, "selector": "fake_last"},  # then the last 2 of those
+        ]
+    }
+    with torch.no_grad(), tokenreduce.apply(model, plan) as att:
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 3
+    first, second = att.trace.stages
+    assert first.visual_before == [16] and first.visual_after == [6]
+    assert first.kept == [visual[:6]]
+    assert second.visual_before == [6] and second.visual_after == [2]
+    assert second.kept == [visual[4:6]]
+
+
+def test_broken_plugin_names_its_distribution(install):
+    install("tokenreduce-broken-plugin", "broken_tokenreduce_plugin", BROKEN_MODULE, version="1.2.3")
+    with pytest.raises(PluginLoadError) as info:
+        tokenreduce.list_components()
+    msg = str(info.value)
+    assert "tokenreduce-broken-plugin 1.2.3" in msg
+    assert "broken_tokenreduce_plugin" in msg  # the entry point's target
+    assert "a_module_that_is_not_installed_anywhere" in msg  # the cause
+    assert isinstance(info.value, ImportError)
+    assert isinstance(info.value.__cause__, ImportError)
+    # a plan cannot be built while the plugin is broken either
+    with pytest.raises(PluginLoadError):
+        tokenreduce.build_plan({"stages": [{"layer": 1, "keep": 2, "selector": "random"}]})
+
+
+def test_plugin_clashing_with_a_builtin_names_both_origins(install):
+    install("tokenreduce-fake-clash", "clash_tokenreduce_plugin", CLASH_MODULE)
+    with pytest.raises(DuplicateComponentError) as info:
+        get_registry()
+    msg = str(info.value)
+    assert "selector 'topk'" in msg
+    assert "builtin:tokenreduce.strategies" in msg
+    assert "tokenreduce-fake-clash 0.0.1" in msg
+
+
+def test_two_plugins_coexist(install):
+    install("tokenreduce-fake-plugin", "fake_tokenreduce_plugin", GOOD_MODULE)
+    install(
+        "tokenreduce-other-plugin",
+        "other_tokenreduce_plugin",
+        GOOD_MODULE.replace('"fake_score"', '"other_score"').replace('"fake_last"', '"other_last"'),
+        version="2.0",
+        ep_name="other",
+    )
+    origins = {c["name"]: c["origin"] for c in tokenreduce.list_components()}
+    assert origins["fake_score"].startswith("tokenreduce-fake-plugin 0.0.1")
+    assert origins["other_last"].startswith("tokenreduce-other-plugin 2.0")
+
+
+def test_registry_is_normal_again_after_plugins():
+    test_registry_is_normal_without_plugins()
+    assert not any(c["origin"].startswith("tokenreduce-") for c in tokenreduce.list_components())
