@@ -226,14 +226,16 @@ class CutAttachment:
         orig = kwargs  # the language model hands every layer the same full-length kwargs
         stage = self._current_stage(layer_idx)
         current = self._rewrite_kwargs(stage, hidden, orig) if stage is not None else orig
-        if fwd.prefill and layer_idx in self._capture_layers:
-            fwd.captured[layer_idx] = (hidden, current)
         if fwd.prefill and layer_idx in self._stage_at:
             hidden, new_state = self._cut(self._stage_at[layer_idx], hidden, current, orig, stage)
             if new_state is not None:
                 self._states.append(new_state)
                 stage = new_state
                 current = self._rewrite_kwargs(new_state, hidden, orig)
+        if fwd.prefill and layer_idx in self._capture_layers:
+            # what this layer actually consumes (after its own cut, if any): signals of the next
+            # stage at layer_offset=-1 read it
+            fwd.captured[layer_idx] = (hidden, current)
         if stage is None:
             return None
         if args:

@@ -6,9 +6,18 @@ computed, so it works whatever attention implementation the model runs (sdpa, ea
 flash-attention) and never asks the model for ``output_attentions``.  Only the requested query
 rows are computed: ``Q x S`` scores, never ``S x S`` (design.md §5).
 
+Grouped-query attention is handled by folding the query heads of a key/value group into the
+row dimension (``[B, H_kv, G*Q, hd]``), so keys and values are never repeated per head.
+
 Layer conventions (see :class:`~tokenreduce.core.types.SignalSource`): offset 0 is the cut
 layer K (the first consumer of the reduced sequence), offset -1 the layer K-1 that produced the
 hidden states at the cut.
+
+Gradients: :meth:`LlamaSignals.layer_forward` and :meth:`LlamaSignals.layer_module_forward`
+are differentiable with respect to ``hidden``; call them under ``torch.enable_grad()`` (and
+outside inference mode) and differentiate with ``torch.autograd.grad(loss, hidden)`` so that no
+``.grad`` lands on model parameters.  Tensors the model created under ``torch.inference_mode()``
+(rotary tables, masks) are cloned out of it here when grad mode is on.
 """
 
 from __future__ import annotations
@@ -19,6 +28,18 @@ import torch
 from torch import Tensor
 
 from tokenreduce.core.types import Need
+
+from .masks import build_mask
+
+#: layer kwargs that must never reach a probe forward (the probe has no KV cache)
+_CACHE_KWARGS = (
+    "hidden_states",
+    "past_key_values",
+    "past_key_value",
+    "use_cache",
+    "cache_position",
+    "output_attentions",
+)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -35,6 +56,16 @@ def _gather_rows(x: Tensor, rows: Tensor) -> Tensor:
     """``x``: ``[B, S, ...]``, ``rows``: ``[B, R]`` -> ``[B, R, ...]``."""
     idx = rows.view(*rows.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
     return x.gather(1, idx)
+
+
+def _usable(t):
+    """``t`` itself, or a normal clone of it when it is an inference tensor and autograd is on
+    (inference tensors cannot be saved for backward).  Recurses into tuples."""
+    if isinstance(t, tuple):
+        return tuple(_usable(x) for x in t)
+    if isinstance(t, Tensor) and torch.is_grad_enabled() and t.is_inference():
+        return t.clone()
+    return t
 
 
 class LlamaSignals:
@@ -70,7 +101,14 @@ class LlamaSignals:
         hidden, kwargs = self._inputs[layer_offset]
         return self._layers[self._layer + layer_offset], hidden, kwargs
 
-    def _keys_values(self, layer, x: Tensor, cos: Tensor, sin: Tensor, with_values: bool = True):
+    @staticmethod
+    def _rotary(kwargs: dict, b: int) -> tuple[Tensor, Tensor]:
+        cos, sin = _usable(kwargs["position_embeddings"])
+        return cos.expand(b, -1, -1), sin.expand(b, -1, -1)  # [B, S, hd] each
+
+    @staticmethod
+    def _keys_values(layer, x: Tensor, cos: Tensor, sin: Tensor, with_values: bool = True):
+        """Keys after RoPE (and values) at every position: ``[B, H_kv, S, hd]``."""
         attn = layer.self_attn
         b, s, _ = x.shape
         hd = attn.head_dim
@@ -79,56 +117,89 @@ class LlamaSignals:
         v = attn.v_proj(x).view(b, s, -1, hd).transpose(1, 2) if with_values else None
         return k, v
 
-    def _attention_probs(self, layer, x: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, k: Tensor) -> Tensor:
-        """Softmax attention of query ``rows`` over all keys, causal by slot and padding-masked:
-        ``[B, H, R, S]`` in the computation dtype."""
+    def _row_attention(
+        self, layer, x: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, k: Tensor, v: Tensor | None
+    ) -> Tensor:
+        """Attention of query ``rows`` (``[B, R]`` slots) over all keys, causal by slot and
+        padding-masked.
+
+        Returns the probabilities ``[B, H, R, S]`` (computation dtype, softmax taken in float32
+        like the eager implementation) when ``v`` is None, else the attention output
+        ``[B, R, H*hd]`` (before ``o_proj``).  Query heads of one key/value group are folded into
+        the row dimension, so grouped-query keys and values are never repeated.
+        """
         attn = layer.self_attn
         b, s, _ = x.shape
+        r = rows.shape[1]
         hd = attn.head_dim
-        q = attn.q_proj(_gather_rows(x, rows)).view(b, rows.shape[1], -1, hd).transpose(1, 2)
+        h_kv = k.shape[1]
+        q = attn.q_proj(_gather_rows(x, rows)).view(b, r, -1, hd).transpose(1, 2)  # [B, H, R, hd]
         q = apply_rope(q, _gather_rows(cos, rows), _gather_rows(sin, rows))
-        groups = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(groups, dim=1) if groups > 1 else k
-        scores = (q @ k.transpose(-1, -2)) * attn.scaling  # [B, H, R, S]
+        h = q.shape[1]
+        groups = h // h_kv
+        q = q.reshape(b, h_kv, groups * r, hd)  # head j*G+g of kv group j -> rows g*R..g*R+R-1
+        scores = (q @ k.transpose(-1, -2)) * attn.scaling  # [B, H_kv, G*R, S]
         slots = torch.arange(s, device=x.device)
-        allowed = (slots.view(1, 1, s) <= rows.unsqueeze(-1)) & self._valid.unsqueeze(1)  # [B, R, S]
-        scores = scores.masked_fill(~allowed.unsqueeze(1), float("-inf"))
-        return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
+        allowed = (slots.view(1, 1, s) <= rows.unsqueeze(-1)) & _usable(self._valid).unsqueeze(1)  # [B, R, S]
+        allowed = allowed | (slots.view(1, 1, s) == rows.unsqueeze(-1))  # a padding row attends to itself: no NaN
+        scores = scores.view(b, h_kv, groups, r, s).masked_fill(~allowed[:, None, None], float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)  # [B, H_kv, G, R, S]
+        if v is None:
+            return probs.reshape(b, h, r, s)
+        out = probs.view(b, h_kv, groups * r, s) @ v  # [B, H_kv, G*R, hd]
+        return out.view(b, h, r, hd).transpose(1, 2).reshape(b, r, h * hd)
 
     # -- SignalSource ------------------------------------------------------------------------------
     def attention_rows(self, query_index: Tensor, layer_offset: int = -1) -> Tensor:
         layer, hidden, kwargs = self._resolve(layer_offset)
-        cos, sin = kwargs["position_embeddings"]
         with torch.no_grad():
+            cos, sin = self._rotary(kwargs, hidden.shape[0])
             x = layer.input_layernorm(hidden)
-            cos, sin = cos.expand(x.shape[0], -1, -1), sin.expand(x.shape[0], -1, -1)
             k, _ = self._keys_values(layer, x, cos, sin, with_values=False)
-            return self._attention_probs(layer, x, cos, sin, query_index, k).float()
+            return self._row_attention(layer, x, cos, sin, query_index, k, None).float()
 
     def key_states(self, layer_offset: int = -1) -> Tensor:
         layer, hidden, kwargs = self._resolve(layer_offset)
-        cos, sin = kwargs["position_embeddings"]
         with torch.no_grad():
+            cos, sin = self._rotary(kwargs, hidden.shape[0])
             x = layer.input_layernorm(hidden)
-            k, _ = self._keys_values(layer, x, cos.expand(x.shape[0], -1, -1), sin.expand(x.shape[0], -1, -1), False)
+            k, _ = self._keys_values(layer, x, cos, sin, with_values=False)
         return k
 
     def layer_forward(self, hidden: Tensor, rows: Tensor | None, layer_offset: int = 0) -> Tensor:
+        """Row-restricted forward of one decoder layer (see the protocol).  Keys and values are
+        computed at every position, queries, ``o_proj``, the residual and the MLP only at
+        ``rows``; the output at those rows equals the full layer's (same causal+padding mask)."""
         layer, _, kwargs = self._resolve(layer_offset)
-        cos, sin = kwargs["position_embeddings"]
         b, s, _ = hidden.shape
-        cos, sin = cos.expand(b, -1, -1), sin.expand(b, -1, -1)
-        if rows is None:
-            rows = torch.arange(s, device=hidden.device).expand(b, -1)
-        attn = layer.self_attn
+        cos, sin = self._rotary(kwargs, b)
+        rows = torch.arange(s, device=hidden.device).expand(b, -1) if rows is None else _usable(rows)
         x = layer.input_layernorm(hidden)
         k, v = self._keys_values(layer, x, cos, sin)
-        probs = self._attention_probs(layer, x, cos, sin, rows, k)  # [B, H, R, S]
-        groups = probs.shape[1] // v.shape[1]
-        v = v.repeat_interleave(groups, dim=1) if groups > 1 else v
-        out = (probs @ v).transpose(1, 2).reshape(b, rows.shape[1], -1)  # [B, R, H*hd]
-        h = _gather_rows(hidden, rows) + attn.o_proj(out)
+        out = self._row_attention(layer, x, cos, sin, rows, k, v)  # [B, R, H*hd]
+        h = _gather_rows(hidden, rows) + layer.self_attn.o_proj(out)
         return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def layer_module_forward(self, hidden: Tensor, layer_offset: int = 0) -> Tensor:
+        """The model's own decoder-layer module (its attention implementation) on ``hidden``
+        (``[B, S, d]``) with the stage's positions and a causal+padding mask, no KV cache:
+        ``[B, S, d]``.  The reference path of gradient probes (``probe: exact``).
+
+        The module is called through ``forward`` so that no forward hook (tokenreduce's own cut
+        hooks included) runs again.  The mask is rebuilt from the slot validity in the layer's
+        attention format (padding query rows attend to themselves, so no row is fully masked and
+        a backward pass never meets a NaN).
+        """
+        layer, _, kwargs = self._resolve(layer_offset)
+        b, s, _ = hidden.shape
+        impl = getattr(layer.self_attn.config, "_attn_implementation", None) or "sdpa"
+        slots = torch.arange(s, device=hidden.device).expand(b, -1)
+        valid = _usable(self._valid)
+        mask = build_mask(impl, slots, valid, slots, valid, hidden.dtype, self_slot=slots)
+        call = {k: _usable(v) for k, v in kwargs.items() if k not in _CACHE_KWARGS}
+        call["attention_mask"] = mask
+        out = layer.forward(hidden, past_key_values=None, use_cache=False, **call)
+        return out[0] if isinstance(out, tuple) else out
 
     def lm_logits(self, hidden: Tensor) -> Tensor:
         return self._lm_head(self._norm(hidden))

@@ -76,6 +76,13 @@ class SignalSource(Protocol):
         position) and ``[B, R, d]`` is returned; with ``None`` the full ``[B, S, d]``."""
         ...
 
+    def layer_module_forward(self, hidden: Tensor, layer_offset: int = 0) -> Tensor:
+        """Differentiable forward of the model's own decoder-layer module (its attention
+        implementation) on ``hidden`` (``[B, S, d]``) with the current positions and a
+        causal+padding mask, no KV cache, no hooks: ``[B, S, d]``.  A reference for
+        :meth:`layer_forward` (same values at every valid position)."""
+        ...
+
     def lm_logits(self, hidden: Tensor) -> Tensor:
         """Final norm then LM head: ``[..., d] -> [..., vocab]`` (differentiable)."""
         ...

@@ -8,12 +8,16 @@ from tokenreduce.core.registry import hookimpl
 
 @hookimpl
 def tokenreduce_register(registry) -> None:
+    from .fastv import FastVScorer
     from .norm import NormScorer
+    from .pio import PIOScorer
     from .random_select import RandomSelector
     from .topk import TopKSelector
     from .uniform import UniformSelector
 
     registry.scorer("norm", NormScorer)
+    registry.scorer("pio", PIOScorer)
+    registry.scorer("fastv", FastVScorer)
     registry.selector("topk", TopKSelector)
     registry.selector("random", RandomSelector)
     registry.selector("uniform", UniformSelector)
