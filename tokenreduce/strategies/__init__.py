@@ -9,6 +9,7 @@ from tokenreduce.core.registry import hookimpl
 @hookimpl
 def tokenreduce_register(registry) -> None:
     from .fastv import FastVScorer
+    from .nms import NMSSelector
     from .norm import NormScorer
     from .pio import PIOScorer
     from .random_select import RandomSelector
@@ -19,5 +20,6 @@ def tokenreduce_register(registry) -> None:
     registry.scorer("pio", PIOScorer)
     registry.scorer("fastv", FastVScorer)
     registry.selector("topk", TopKSelector)
+    registry.selector("nms", NMSSelector)
     registry.selector("random", RandomSelector)
     registry.selector("uniform", UniformSelector)
