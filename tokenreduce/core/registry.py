@@ -21,6 +21,7 @@ its distribution.
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import re
 import threading
@@ -35,6 +36,8 @@ from .errors import DuplicateComponentError, PluginLoadError, UnknownComponentEr
 PROJECT = "tokenreduce"
 ENTRY_POINT_GROUP = "tokenreduce"
 KINDS = ("scorer", "selector", "adapter")
+#: modules whose ``tokenreduce_register`` hook provides the built-in components
+BUILTIN_PLUGINS = ("tokenreduce.strategies", "tokenreduce.adapters")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -161,10 +164,8 @@ def make_plugin_manager(builtins: Iterable[tuple[str, Any]] | None = None, entry
     """A plugin manager with the built-in plugins and (optionally) the ``tokenreduce`` entry points."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(HookSpecs)
-    if builtins is None:
-        from tokenreduce import adapters, strategies  # built-ins register like everyone else
-
-        builtins = [("builtin:tokenreduce.strategies", strategies), ("builtin:tokenreduce.adapters", adapters)]
+    if builtins is None:  # built-ins register like everyone else, by module name (as pytest does)
+        builtins = [(f"builtin:{name}", importlib.import_module(name)) for name in BUILTIN_PLUGINS]
     for name, module in builtins:
         pm.register(module, name=name)
     if entry_points:
