@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
 
 import tokenreduce
-from tokenreduce import adapters, strategies
+from registry_helpers import registry_with
 from tokenreduce.core.errors import PlanError
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset
-from tokenreduce.core.registry import Registry, hookimpl, make_plugin_manager
 from tokenreduce.core.types import TokenView
 from tokenreduce.strategies.fastv import FastVScorer, last_valid_slot
 from tokenreduce.strategies.topk import topk_mask
@@ -29,22 +27,7 @@ class RecordingFastV(FastVScorer):
         return scores
 
 
-def _registry() -> Registry:
-    builtins = [("builtin:tokenreduce.strategies", strategies), ("builtin:tokenreduce.adapters", adapters)]
-    have = "fastv" in Registry.from_plugin_manager(make_plugin_manager(builtins, entry_points=False)).names("scorer")
-    plugin = types.ModuleType("test_fastv_plugin")
-
-    @hookimpl
-    def tokenreduce_register(registry):
-        if not have:  # until the lead registers it among the built-ins
-            registry.scorer("fastv", FastVScorer)
-        registry.scorer("rec_fastv", RecordingFastV)
-
-    plugin.tokenreduce_register = tokenreduce_register
-    return Registry.from_plugin_manager(make_plugin_manager([*builtins, ("test:fastv", plugin)], entry_points=False))
-
-
-REGISTRY = _registry()
+REGISTRY = registry_with("fastv", scorers={"rec_fastv": RecordingFastV})
 _MODELS: dict = {}
 
 

@@ -7,7 +7,6 @@ differentiates with plain autograd (pio-spec §4-§5).
 
 from __future__ import annotations
 
-import types
 
 import pytest
 import torch
@@ -15,11 +14,10 @@ import torch.nn.functional as F
 from oracle import oracle_generate
 
 import tokenreduce
-from tokenreduce import adapters, strategies
+from registry_helpers import registry_with
 from tokenreduce.core.errors import PlanError, UnsupportedCallError
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset
-from tokenreduce.core.registry import Registry, hookimpl, make_plugin_manager
 from tokenreduce.core.types import TokenView
 from tokenreduce.strategies.pio import PIOScorer, loss_rows, proxy_gradient
 from tokenreduce.strategies.topk import topk_mask
@@ -41,22 +39,7 @@ class RecordingPIO(PIOScorer):
         return scores
 
 
-def _registry() -> Registry:
-    builtins = [("builtin:tokenreduce.strategies", strategies), ("builtin:tokenreduce.adapters", adapters)]
-    have_pio = "pio" in Registry.from_plugin_manager(make_plugin_manager(builtins, entry_points=False)).names("scorer")
-    plugin = types.ModuleType("test_pio_plugin")
-
-    @hookimpl
-    def tokenreduce_register(registry):
-        if not have_pio:  # until the lead registers it among the built-ins
-            registry.scorer("pio", PIOScorer)
-        registry.scorer("rec_pio", RecordingPIO)
-
-    plugin.tokenreduce_register = tokenreduce_register
-    return Registry.from_plugin_manager(make_plugin_manager([*builtins, ("test:pio", plugin)], entry_points=False))
-
-
-REGISTRY = _registry()
+REGISTRY = registry_with("pio", scorers={"rec_pio": RecordingPIO})
 _MODELS: dict = {}
 
 
