@@ -25,11 +25,28 @@ from transformers import DynamicCache
 Stage = tuple[int, "Sequence[int] | torch.Tensor", str]
 
 
+def _is_qwen(model) -> bool:
+    return model.config.model_type == "qwen2_5_vl"
+
+
+def oracle_positions(model, input_ids: torch.Tensor, extra: dict) -> torch.Tensor:
+    """``[A, S]`` RoPE ids of a single prompt: ``arange`` (A = 1) for LLaVA; Qwen2.5-VL's
+    M-RoPE ids (A = 3) from the model's own ``get_rope_index``."""
+    if not _is_qwen(model):
+        return torch.arange(input_ids.shape[1]).unsqueeze(0)
+    pos, _ = model.model.get_rope_index(
+        input_ids, extra["mm_token_type_ids"], image_grid_thw=extra.get("image_grid_thw"),
+        video_grid_thw=extra.get("video_grid_thw"),
+    )
+    return pos[:, 0]  # [3, S]
+
+
 def oracle_inputs_embeds(
     model,
     input_ids: torch.Tensor,
     pixel_values: torch.Tensor,
     image_sizes: torch.Tensor | None = None,
+    extra: dict | None = None,
 ) -> torch.Tensor:
     """The decoder's input embeddings, built as LLaVA / LLaVA-NeXT do.
 
@@ -45,6 +62,20 @@ def oracle_inputs_embeds(
         ``[B, S, D]`` in the model dtype.
     """
     embeds = model.get_input_embeddings()(input_ids)
+    if _is_qwen(model):  # image features in image-token order
+        extra = extra or {}
+        embeds = embeds.clone()
+        for ids, pix, thw in ((model.config.image_token_id, pixel_values, extra.get("image_grid_thw")),
+                              (model.config.video_token_id, extra.get("pixel_values_videos"), extra.get("video_grid_thw"))):
+            if pix is None:
+                continue
+            get = model.model.get_image_features if ids == model.config.image_token_id else model.model.get_video_features
+            feats = torch.cat(list(get(pix, thw, return_dict=True).pooler_output), dim=0).to(embeds.dtype)
+            where = input_ids == ids
+            if int(where.sum()) != feats.shape[0]:
+                raise ValueError(f"{int(where.sum())} media tokens but {feats.shape[0]} features")
+            embeds[where] = feats
+        return embeds
     kwargs = {} if image_sizes is None else {"image_sizes": image_sizes}
     features = model.model.get_image_features(
         pixel_values=pixel_values,
@@ -76,6 +107,7 @@ def oracle_generate(
     max_new_tokens: int,
     attention_mask: torch.Tensor | None = None,
     image_sizes: torch.Tensor | None = None,
+    extra: dict | None = None,
 ) -> tuple[list[int], torch.Tensor]:
     """Greedy decode with tokens dropped before given decoder layers (no EOS stopping).
 
@@ -90,6 +122,9 @@ def oracle_generate(
         max_new_tokens: number of greedy steps.
         attention_mask: optional ``[1, S]``; must be all ones.
         image_sizes: LLaVA-NeXT only, as the processor returns it.
+        extra: Qwen2.5-VL only: ``mm_token_type_ids``, ``image_grid_thw`` (and video inputs).
+            Positions are then 3-D M-RoPE ids: ``keep`` gathers them, ``renumber`` gives
+            contiguous ids equal on all axes; decoding continues at the largest id + 1.
 
     Returns:
         ``(tokens, logits)``: ``max_new_tokens`` generated ids and the raw (unprocessed) logits
@@ -101,8 +136,12 @@ def oracle_generate(
         raise ValueError("oracle_generate does not support padding")
     decoder = model.model.language_model
     layers = decoder.layers
-    embeds = oracle_inputs_embeds(model, input_ids, pixel_values, image_sizes)  # [1, S, D]
+    embeds = oracle_inputs_embeds(model, input_ids, pixel_values, image_sizes, extra)  # [1, S, D]
     S = embeds.shape[1]
+    qwen = _is_qwen(model)
+
+    def rotary(h, pos):  # pos [A, n]
+        return decoder.rotary_emb(h, pos[:, None] if qwen else pos)
 
     stage_at: dict[int, tuple[torch.Tensor, str]] = {}
     last_k = -1
@@ -116,8 +155,8 @@ def oracle_generate(
 
     cache = DynamicCache()
     kept_orig = torch.arange(S)  # [n] original position of each current row
-    rope_pos = torch.arange(S)  # [n] rotary position of each current row
-    decode_base = S  # rotary position of the first decode token, per layer (changes at renumber)
+    rope_pos = oracle_positions(model, input_ids, extra or {})  # [A, n] rotary ids of each current row
+    decode_base = int(rope_pos.max()) + 1  # rotary id of the first decode token (changes at renumber)
     layer_decode_base: list[int] = []
 
     # prefill
@@ -133,12 +172,12 @@ def oracle_generate(
             h = h[:, rows]
             kept_orig = kept
             if policy == "keep":
-                rope_pos = rope_pos[rows]
+                rope_pos = rope_pos[:, rows]
             else:
-                rope_pos = torch.arange(kept.numel())
+                rope_pos = torch.arange(kept.numel()).expand(rope_pos.shape[0], -1)
                 decode_base = kept.numel()
         layer_decode_base.append(decode_base)
-        cos_sin = decoder.rotary_emb(h, rope_pos[None])  # ([1, n, hd], [1, n, hd])
+        cos_sin = rotary(h, rope_pos)  # ([1, n, hd], [1, n, hd])
         h = layer(
             h,
             attention_mask=_causal_mask(h.shape[1], h.dtype),
@@ -159,8 +198,8 @@ def oracle_generate(
             break
         h = decoder.embed_tokens(next_id)[:, None]  # [1, 1, D]
         for i, layer in enumerate(layers):
-            pos = torch.tensor([[layer_decode_base[i] + t]])
-            cos_sin = decoder.rotary_emb(h, pos)
+            pos = torch.tensor([[layer_decode_base[i] + t]]).expand(rope_pos.shape[0], 1)
+            cos_sin = rotary(h, pos)
             h = layer(h, attention_mask=None, position_embeddings=cos_sin, past_key_values=cache, use_cache=True)
         logits = model.lm_head(decoder.norm(h[:, -1]))
     return tokens, torch.stack(step_logits)  # [steps, V]

@@ -292,7 +292,7 @@ def test_unknown_stage_key_lists_allowed_keys():
 
 def test_unknown_plan_key():
     msg = plan_error({"stage": [], "stages": []})
-    assert re.search(r"^\s*stage: unknown key .stage.; allowed keys: description, layer_average, name, positions, stages", msg, re.M)
+    assert re.search(r"^\s*stage: unknown key .stage.; allowed keys: adapter, description, layer_average, name, positions, stages", msg, re.M)
 
 
 def test_bad_position_policy():

@@ -10,5 +10,9 @@ from tokenreduce.core.registry import hookimpl
 @hookimpl
 def tokenreduce_register(registry) -> None:
     from .llava import LlavaAdapter
+    from .llava_next import LlavaNextAdapter
+    from .qwen2_5_vl import Qwen2_5_VLAdapter
 
     registry.adapter("llava", LlavaAdapter)
+    registry.adapter("llava_next", LlavaNextAdapter)
+    registry.adapter("qwen2_5_vl", Qwen2_5_VLAdapter)

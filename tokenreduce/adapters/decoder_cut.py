@@ -10,12 +10,18 @@ same objects to every layer; the hook of a stage's cut layer K scores, selects a
 simply hold fewer entries.  Decode steps never cut; they only see masks and positions for the
 shorter per-layer caches.
 
-Bookkeeping per stage (all ``[B, S']``, S' = the reduced length, left-padded per sample):
+Bookkeeping per stage (``[B, S']``, S' = the reduced length, left-padded per sample):
 
 * ``slot_orig``: position of each slot in the original input sequence;
 * ``slot_valid``: False at padding slots;
-* ``slot_pos``: the RoPE position id each slot carries (original ids under the ``keep``
-  policy, contiguous ids under ``renumber``).
+* ``slot_pos``: ``[A, B, S']`` the RoPE position ids each slot carries (A = 1 axis for 1-D
+  RoPE, 3 for Qwen2.5-VL's M-RoPE); original ids under the ``keep`` policy, contiguous ids
+  (equal on every axis) under ``renumber``.
+
+Positions are read where the language model receives them (a pre-hook on the decoder), after
+the VLM has computed them: 1-D ids for Llama, 3-D M-RoPE ids (``rope_deltas`` included) for
+Qwen2.5-VL.  The visual candidates are located there too, i.e. after the VLM has checked its
+image placeholders against the image features, so that its own errors surface unchanged.
 
 Samples are re-padded on the left after a cut, so samples with different keep counts (ragged
 batches) each get exactly the computation of their single-sample run.
@@ -40,17 +46,55 @@ from .llama_signals import LlamaSignals
 from .masks import SUPPORTED_ATTENTION, build_mask
 
 
+def _llama_rotary(decoder) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    return lambda hidden, pos: decoder.rotary_emb(hidden, pos[0])
+
+
+def _llama_positions(position_ids: Tensor | None, b: int, q: int, past: int, device) -> Tensor:
+    """``[1, B, q]``: the 1-D RoPE ids a Llama decoder uses (``arange`` from the cache length when
+    the caller passed none, as ``LlamaModel`` does)."""
+    if position_ids is None:
+        position_ids = torch.arange(past, past + q, device=device).unsqueeze(0)
+    return position_ids.reshape(1, -1, q).expand(1, b, q)
+
+
 @dataclass
 class ArchHandles:
-    """What the generic cut needs to know about one architecture (filled in by an adapter)."""
+    """What the generic cut needs to know about one architecture (filled in by an adapter).
+
+    Positions are handled as ``[A, B, S]`` tensors: ``A = 1`` axis for 1-D RoPE (Llama),
+    ``A = 3`` for Qwen2.5-VL's M-RoPE (temporal, height, width).
+    """
 
     top: torch.nn.Module  # the VLM whose forward receives input_ids
     decoder: torch.nn.Module  # the language model: .layers, .norm, .rotary_emb
     lm_head: torch.nn.Module
-    visual_mask: Callable[[Tensor], Tensor]  # input_ids [B, S] -> bool [B, S]
-    visual_grid: Callable[[Tensor, Tensor], Tensor]  # (input_ids, visual_mask) -> [B, S, 3] long
+    # (input_ids [B, S], context) -> bool [B, S]: the reduction candidates.  ``context`` holds
+    # the top-level forward kwargs plus "inputs_embeds" ([B, S, d], what the decoder receives;
+    # dropped after this call) and "positions" ([A, B, S]); the callback may stash in it what
+    # visual_grid needs later.  generate() passes neither pixel values nor image sizes to the
+    # prefill call (it precomputes the encoder outputs), so layouts come from what the decoder sees.
+    visual_mask: Callable[[Tensor, dict], Tensor]
+    # (input_ids, visual mask, context) -> [B, S, 3] long (image/panel, row, col)
+    visual_grid: Callable[[Tensor, Tensor, dict], Tensor]
     attn_implementation: str
     name: str = "model"
+    # input_ids -> bool: tokens that carry visual features (decode steps must have none)
+    is_media_token: Callable[[Tensor], Tensor] | None = None
+    # (hidden, positions [A, B, S]) -> (cos, sin) as the decoder computes them
+    rotary: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    # (the decoder's position_ids kwarg, B, q, cache length, device) -> [A, B, q]
+    positions: Callable[..., Tensor] = _llama_positions
+    # (top-level module, 2-D mask [B, total], q) -> position_ids to pass to a decode step that has none
+    decode_position_ids: Callable[[torch.nn.Module, Tensor, int], Tensor] | None = None
+    # top-level forward kwargs -> an error message when the call is not supported (e.g. video)
+    check_call: Callable[[dict], str | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.rotary is None:
+            self.rotary = _llama_rotary(self.decoder)
+        if self.is_media_token is None:
+            self.is_media_token = lambda ids: self.visual_mask(ids, {})
 
 
 @dataclass
@@ -61,7 +105,7 @@ class _StageState:
     layer: int
     slot_orig: Tensor  # [B, S'] long
     slot_valid: Tensor  # [B, S'] bool
-    slot_pos: Tensor  # [B, S'] long
+    slot_pos: Tensor  # [A, B, S'] long
     renumbered: bool  # whether slot_pos differs from the original position ids
     decode_offset: Tensor  # [B] long: original decode position - this stage's decode position
 
@@ -72,6 +116,8 @@ class _Forward:
 
     prefill: bool
     attention_2d: Tensor  # [B, S_total] long/bool validity of the full original sequence
+    top_kwargs: dict = field(default_factory=dict)
+    positions: Tensor | None = None  # [A, B, q] RoPE ids of this call's tokens (original numbering)
     kwargs_cache: dict = field(default_factory=dict)  # stage index -> rewritten layer kwargs
     captured: dict = field(default_factory=dict)  # layer -> (hidden, kwargs) for signals
 
@@ -97,10 +143,12 @@ class CutAttachment:
         self._orig_len = 0
         self._seen = 0
         self._fwd: _Forward | None = None
+        self._is_visual: Tensor | None = None
         self._handles: list[Any] = []
         first = min((cs.layer for cs in plan.stages), default=self.n_layers)
         try:
             self._handles.append(handles.top.register_forward_pre_hook(self._top_hook, with_kwargs=True))
+            self._handles.append(handles.decoder.register_forward_pre_hook(self._decoder_hook, with_kwargs=True))
             for i, layer in enumerate(self.layers):
                 if i >= first - 1:
                     self._handles.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
@@ -127,6 +175,18 @@ class CutAttachment:
     def attached(self) -> bool:
         return bool(self._handles)
 
+    @property
+    def candidate_mask(self) -> Tensor | None:
+        """``[B, S]`` bool: the visual candidates of the last prefill (positions in its input)."""
+        return self._is_visual
+
+    def visual_grid(self) -> Tensor:
+        """``[B, S, 3]`` long (image/panel, row, col) of every position of the last prefill's
+        input (meaningful at the candidates); from the adapter, computed on first use."""
+        if self._is_visual is None:
+            raise RuntimeError("no prefill has run under this attachment yet")
+        return self._visual_grid()
+
     # -- the top-level hook: prefill or decode ---------------------------------------------------
     def _top_hook(self, module, args, kwargs):
         for bad in ("output_hidden_states", "output_attentions"):
@@ -149,60 +209,82 @@ class CutAttachment:
                 f"{type(cache).__name__} is not supported while attached (layers after a cut hold fewer "
                 "entries); use the default DynamicCache (no cache_implementation='static', no compile)"
             )
+        if self.h.check_call is not None:
+            problem = self.h.check_call(kwargs)
+            if problem:
+                raise UnsupportedCallError(problem)
         mask2d = kwargs.get("attention_mask")
         if past == 0:
             if input_ids is None:
                 raise UnsupportedCallError(
                     "tokenreduce locates visual tokens from input_ids; this call passed inputs_embeds only"
                 )
-            self._prefill_start(input_ids, mask2d)
-        else:
-            if not self._prefilled:
-                raise UnsupportedCallError(
-                    "this KV cache was not prefilled under the current attachment (cache reuse across "
-                    "attachments or turns is not supported); prefill again with an empty cache"
-                )
-            if input_ids is not None and bool(self.h.visual_mask(input_ids).any()):
-                raise UnsupportedCallError(
-                    "image tokens in a decode step (cache reuse with new images) are not supported; "
-                    "run a fresh prefill"
-                )
-            b, q = (input_ids.shape if input_ids is not None else kwargs["inputs_embeds"].shape[:2])
-            # the cache of a cut layer is shorter than the sequence, so count the sequence ourselves
-            total = self._seen + q
-            if mask2d is None:
-                mask2d = torch.ones(b, total, dtype=torch.long, device=self._device())
-            elif mask2d.shape[1] != total:
-                raise UnsupportedCallError(
-                    f"decode step with an attention_mask of length {mask2d.shape[1]}, expected {total} "
-                    f"(prefill of {self._orig_len} tokens plus {total - self._orig_len} generated); "
-                    "steps must follow the prefill one after another"
-                )
-            self._seen = total
-            self._fwd = _Forward(prefill=False, attention_2d=mask2d)
+            self._prefill_start(input_ids, mask2d, kwargs)
+            return None
+        if not self._prefilled:
+            raise UnsupportedCallError(
+                "this KV cache was not prefilled under the current attachment (cache reuse across "
+                "attachments or turns is not supported); prefill again with an empty cache"
+            )
+        if input_ids is not None and bool(self.h.is_media_token(input_ids).any()):
+            raise UnsupportedCallError(
+                "image tokens in a decode step (cache reuse with new images) are not supported; "
+                "run a fresh prefill"
+            )
+        b, q = (input_ids.shape if input_ids is not None else kwargs["inputs_embeds"].shape[:2])
+        # the cache of a cut layer is shorter than the sequence, so count the sequence ourselves
+        total = self._seen + q
+        if mask2d is None:
+            mask2d = torch.ones(b, total, dtype=torch.long, device=self._device())
+        elif mask2d.shape[1] != total:
+            raise UnsupportedCallError(
+                f"decode step with an attention_mask of length {mask2d.shape[1]}, expected {total} "
+                f"(prefill of {self._orig_len} tokens plus {total - self._orig_len} generated); "
+                "steps must follow the prefill one after another"
+            )
+        self._seen = total
+        self._fwd = _Forward(prefill=False, attention_2d=mask2d)
+        if kwargs.get("position_ids") is None and self.h.decode_position_ids is not None:
+            # the model would derive them from the first layer's cache length, which a cut at
+            # layer 0 shortens: pass the ids generate() would pass
+            return args, {**kwargs, "position_ids": self.h.decode_position_ids(module, mask2d, q)}
         return None
 
     def _device(self):
         return next(self.h.decoder.parameters()).device
 
-    def _prefill_start(self, input_ids: Tensor, mask2d: Tensor | None) -> None:
+    def _prefill_start(self, input_ids: Tensor, mask2d: Tensor | None, top_kwargs: dict) -> None:
         b, s = input_ids.shape
         if mask2d is None:
             mask2d = torch.ones(b, s, dtype=torch.long, device=input_ids.device)
-        valid = mask2d.bool()
         self._orig_len = s
         self._seen = s
         self._input_ids = input_ids
-        self._is_visual = self.h.visual_mask(input_ids) & valid  # [B, S]
+        self._is_visual = None  # located by the decoder hook (after the VLM's own input checks)
         self._grid = None
         self._states = []
         self._prefilled = True
-        self._fwd = _Forward(prefill=True, attention_2d=mask2d)
-        self.trace = Trace(
-            n_layers=self.n_layers,
-            original_visual=self._is_visual.sum(-1).tolist(),
-            final_index=[torch.nonzero(v).flatten().tolist() for v in valid],
-        )
+        self._fwd = _Forward(prefill=True, attention_2d=mask2d, top_kwargs=dict(top_kwargs))
+        self.trace = Trace(n_layers=self.n_layers)
+
+    def _decoder_hook(self, module, args, kwargs):
+        fwd = self._fwd
+        if fwd is None:  # the language model called on its own
+            return None
+        embeds = kwargs.get("inputs_embeds")
+        ref = embeds if embeds is not None else kwargs.get("input_ids", args[0] if args else None)
+        b, q = ref.shape[:2]
+        cache = kwargs.get("past_key_values")
+        past = cache.get_seq_length() if cache is not None else 0
+        fwd.positions = self.h.positions(kwargs.get("position_ids"), b, q, past, ref.device)
+        if fwd.prefill:
+            valid = fwd.attention_2d.bool()
+            fwd.top_kwargs.update(inputs_embeds=embeds, positions=fwd.positions)
+            self._is_visual = self.h.visual_mask(self._input_ids, fwd.top_kwargs) & valid  # [B, S]
+            fwd.top_kwargs.pop("inputs_embeds")
+            self.trace.original_visual = self._is_visual.sum(-1).tolist()
+            self.trace.final_index = [torch.nonzero(v).flatten().tolist() for v in valid]
+        return None
 
     # -- the layer hooks -----------------------------------------------------------------------
     def _make_layer_hook(self, layer_idx: int):
@@ -256,9 +338,8 @@ class CutAttachment:
         mask2d = fwd.attention_2d.bool()
         b = mask2d.shape[0]
         if fwd.prefill:
-            pos = st.slot_pos
             if st.renumbered:
-                cos, sin = self.h.decoder.rotary_emb(hidden, pos)
+                cos, sin = self.h.rotary(hidden, st.slot_pos)
             else:  # original ids: gather the rotary tables the model computed
                 idx = st.slot_orig.unsqueeze(-1).expand(-1, -1, cos.shape[-1])
                 cos, sin = cos.expand(b, -1, -1).gather(1, idx), sin.expand(b, -1, -1).gather(1, idx)
@@ -271,11 +352,12 @@ class CutAttachment:
             k_valid = torch.cat([st.slot_valid, mask2d[:, self._orig_len :]], dim=1)
             q_order = torch.arange(total - q, total, device=hidden.device).expand(b, -1)
             mask = build_mask(impl, q_order, mask2d[:, total - q :], k_order, k_valid, hidden.dtype)
-            pos = orig.get("position_ids")
             if st.renumbered:
-                pos = pos - st.decode_offset.unsqueeze(1)
-                cos, sin = self.h.decoder.rotary_emb(hidden, pos)
-        return {"attention_mask": mask, "position_embeddings": (cos, sin), "position_ids": pos}
+                cos, sin = self.h.rotary(hidden, fwd.positions - st.decode_offset.view(1, b, 1))
+        # ``position_ids`` only serves flash-attention's packed-sequence detection, which would
+        # read the gaps of kept original ids as sequence boundaries: the reduced sequence is one
+        # sequence per row, described by the mask.
+        return {"attention_mask": mask, "position_embeddings": (cos, sin), "position_ids": None}
 
     # -- the cut itself ------------------------------------------------------------------------
     def _cut(self, cs: CompiledStage, hidden: Tensor, kwargs: dict, orig: dict, prev: _StageState | None):
@@ -286,7 +368,7 @@ class CutAttachment:
         if prev is None:
             slot_orig = torch.arange(s, device=dev).expand(b, -1)
             slot_valid = self._fwd.attention_2d.bool()
-            slot_pos = self._orig_positions(orig, b, s)
+            slot_pos = self._fwd.positions.expand(-1, b, -1)
             renumbered = False
         else:
             slot_orig, slot_valid, slot_pos, renumbered = prev.slot_orig, prev.slot_valid, prev.slot_pos, prev.renumbered
@@ -350,15 +432,21 @@ class CutAttachment:
         gather = torch.argsort(keep_mask.to(torch.int8), dim=-1, stable=True)[:, s - s_new :]  # [B, S']
         new_valid = keep_mask.gather(1, gather)
         new_orig = slot_orig.gather(1, gather)
+        axes = slot_pos.shape[0]
         if cs.policy == "renumber":
-            new_pos = (new_valid.long().cumsum(-1) - 1).clamp(min=0)
+            new_pos = (new_valid.long().cumsum(-1) - 1).clamp(min=0).unsqueeze(0).expand(axes, -1, -1)
             new_renumbered = True
         else:
-            new_pos = slot_pos.gather(1, gather)
+            new_pos = slot_pos.gather(2, gather.unsqueeze(0).expand(axes, -1, -1))
             new_renumbered = renumbered
-        last = torch.full((b, 1), s_new - 1, device=dev, dtype=torch.long)  # last slot is the last valid token
-        orig_last = self._orig_positions(orig, b, s).gather(1, new_orig.gather(1, last))
-        decode_offset = (orig_last - new_pos.gather(1, last)).squeeze(1)
+        # decode continues after the largest id of the prefill (generate: 1-D ids count on;
+        # Qwen2.5-VL adds rope_deltas, which is the same number); the offset maps that
+        # original numbering onto the stage's numbering
+        decode_offset = _max_valid(self._fwd.positions.expand(-1, b, -1), self._fwd.attention_2d.bool()) - _max_valid(
+            new_pos, new_valid
+        )
+        if sel.hidden is not None:  # merged tokens replace their kept anchors (core rule, types.Selection)
+            hidden = _write_merged(hidden, visual_index, sel)
         new_hidden = hidden.gather(1, gather.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         state = _StageState(cs.index, cs.layer, new_orig, new_valid, new_pos, new_renumbered, decode_offset)
 
@@ -367,16 +455,9 @@ class CutAttachment:
         self.trace.final_index = [row[v].tolist() for row, v in zip(new_orig, new_valid)]
         return new_hidden, state
 
-    def _orig_positions(self, orig: dict, b: int, s: int) -> Tensor:
-        """``[B, S]`` original position ids of the prefill (as the language model computed them)."""
-        pos = orig.get("position_ids")
-        if pos is None:
-            pos = torch.arange(s, device=self._device()).unsqueeze(0)
-        return pos.expand(b, -1)
-
     def _visual_grid(self) -> Tensor:
         if self._grid is None:
-            self._grid = self.h.visual_grid(self._input_ids, self._is_visual)
+            self._grid = self.h.visual_grid(self._input_ids, self._is_visual, self._fwd.top_kwargs)
         return self._grid
 
     def _record(self, cs, tokens_before, tokens_after, visual_before, visual_after, kept, t0):
@@ -392,6 +473,21 @@ class CutAttachment:
                 seconds=time.perf_counter() - t0,
             )
         )
+
+
+def _max_valid(pos: Tensor, valid: Tensor) -> Tensor:
+    """``[B]``: the largest position id over the axes and valid slots of each row."""
+    return pos.masked_fill(~valid.unsqueeze(0), torch.iinfo(pos.dtype).min).amax(dim=(0, 2))
+
+
+def _write_merged(hidden: Tensor, visual_index: Tensor, sel: Selection) -> Tensor:
+    """``hidden`` with the kept candidates' rows replaced by ``sel.hidden`` (a new tensor)."""
+    d = hidden.shape[-1]
+    slots = visual_index.gather(1, sel.index)  # [B, k] positions in the current sequence
+    idx = slots.unsqueeze(-1).expand(-1, -1, d)
+    # padding entries write back what is already there, so the scatter is a no-op for them
+    values = torch.where(sel.valid.unsqueeze(-1), sel.hidden.to(hidden.dtype), hidden.gather(1, idx))
+    return hidden.scatter(1, idx, values)
 
 
 def _component_name(cs: CompiledStage, part: str) -> str:
@@ -420,6 +516,14 @@ def _check_selection(cs: CompiledStage, sel: Selection, keep: Tensor, n_vis: Ten
     bad = sel.valid & ((sel.index < 0) | (sel.index >= n_vis.unsqueeze(1)))
     if bool(bad.any()):
         raise RuntimeError(f"stages.{cs.index}.selector {name!r} returned indices outside 0..N_visual-1")
+    if sel.hidden is not None:
+        want = (*sel.index.shape, None)
+        if not isinstance(sel.hidden, Tensor) or sel.hidden.dim() != 3 or tuple(sel.hidden.shape[:2]) != want[:2]:
+            got = tuple(sel.hidden.shape) if isinstance(sel.hidden, Tensor) else type(sel.hidden).__name__
+            raise RuntimeError(
+                f"stages.{cs.index}.selector {name!r} returned merged hidden states of shape {got}; "
+                f"expected {tuple(sel.index.shape)} + (d,) ([B, k, d])"
+            )
     steps = sel.index[:, 1:] - sel.index[:, :-1]
     if bool(((steps <= 0) & sel.valid[:, 1:]).any()):
         raise RuntimeError(f"stages.{cs.index}.selector {name!r} returned indices that are not strictly ascending")

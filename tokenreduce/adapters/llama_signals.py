@@ -201,6 +201,9 @@ class LlamaSignals:
         out = layer.forward(hidden, past_key_values=None, use_cache=False, **call)
         return out[0] if isinstance(out, tuple) else out
 
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        return self._norm(hidden)
+
     def lm_logits(self, hidden: Tensor) -> Tensor:
         return self._lm_head(self._norm(hidden))
 

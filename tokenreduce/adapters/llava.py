@@ -54,6 +54,12 @@ def square_grid(input_ids: Tensor, visual: Tensor, tokens_per_image: int) -> Ten
     return torch.stack([image, offset // side, offset % side], dim=-1)
 
 
+def generate_position_ids(top, mask2d: Tensor, q: int) -> Tensor:
+    """``[B, q]``: the 1-D position ids ``generate()`` passes for the last ``q`` tokens."""
+    pos = mask2d.long().cumsum(-1) - 1
+    return pos.masked_fill(mask2d == 0, 1)[:, -q:]
+
+
 class LlavaAdapter:
     """LLaVA-1.5: CLIP vision tower + projector + Llama language model."""
 
@@ -74,10 +80,11 @@ class LlavaAdapter:
             top=model,
             decoder=decoder,
             lm_head=model.lm_head,
-            visual_mask=lambda ids: ids == token,
-            visual_grid=lambda ids, vis: square_grid(ids, vis, per_image),
+            visual_mask=lambda ids, kwargs: ids == token,
+            visual_grid=lambda ids, vis, kwargs: square_grid(ids, vis, per_image),
             attn_implementation=decoder.config._attn_implementation,
             name="llava",
+            decode_position_ids=generate_position_ids,
         )
 
     @classmethod

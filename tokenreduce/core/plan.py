@@ -146,6 +146,11 @@ class Plan(_Strict):
     positions: PositionPolicy = "keep"
     layer_average: LayerAverage | None = None
     stages: list[Stage] = Field(default_factory=list)
+    adapter: dict[str, Any] = Field(
+        default_factory=dict,
+        description="options for the model's adapter (validated by its Settings when the plan is built), "
+        "e.g. {keep_newlines: true} for LLaVA-NeXT",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> "Plan":
@@ -256,6 +261,7 @@ class CompiledPlan:
     plan: Plan
     stages: list[CompiledStage]
     n_layers: int | None = None
+    adapter_settings: Any = None  # the adapter's validated Settings (None without an adapter)
 
     def keep_counts(self, n_visual: int) -> list[int]:
         if self.n_layers is None and self.plan.layer_average is not None:
@@ -381,14 +387,33 @@ def build_plan(
             plan.keep_counts(1000, n_layers)  # raises if the ratio target is unreachable at this depth
     if adapter is not None:
         provides = getattr(adapter, "provides", Need.HIDDEN)
+        reasons = getattr(adapter, "missing_reasons", {})
         for cs in stages:
             missing = cs.needs & ~provides
             if missing:
+                why = "; ".join(reasons[m] for m in Need if m and m in missing and m in reasons)
                 raise PlanError(
                     f"stages.{cs.index}: needs signals [{missing.describe()}] that the "
                     f"{adapter.__name__} adapter cannot provide (it provides: {provides.describe()})"
+                    + (f": {why}" if why else "")
                 )
+        compiled.adapter_settings = _adapter_settings(adapter, plan.adapter)
+    elif plan.adapter:
+        compiled.adapter_settings = None
     return compiled
+
+
+def _adapter_settings(adapter: type, options: dict[str, Any]) -> Any:
+    """Validate ``Plan.adapter`` against the adapter's ``Settings`` (pydantic, extra=forbid)."""
+    settings_cls = getattr(adapter, "Settings", None)
+    if settings_cls is None:
+        if options:
+            raise PlanError(f"adapter: the {adapter.__name__} adapter takes no options; got {sorted(options)}")
+        return None
+    try:
+        return settings_cls(**options)
+    except ValidationError as exc:
+        raise PlanError(format_validation_error(exc, "adapter", root=settings_cls) + f" (options of the {adapter.__name__} adapter)") from None
 
 
 def _score_free(registry: Registry) -> str:

@@ -83,6 +83,10 @@ class SignalSource(Protocol):
         :meth:`layer_forward` (same values at every valid position)."""
         ...
 
+    def final_norm(self, hidden: Tensor) -> Tensor:
+        """The language model's final norm: ``[..., d] -> [..., d]`` (differentiable)."""
+        ...
+
     def lm_logits(self, hidden: Tensor) -> Tensor:
         """Final norm then LM head: ``[..., d] -> [..., vocab]`` (differentiable)."""
         ...
@@ -147,10 +151,22 @@ class Selection:
         index: ``[B, k]`` long, indices into the candidate list (0..N-1), strictly ascending in the
             valid part of each row; padded with 0 where ``valid`` is False.
         valid: ``[B, k]`` bool; row ``b`` has exactly ``keep[b]`` True entries, at the front.
+        hidden: optional ``[B, k, d]`` (the hidden states' dtype): new hidden states for the kept
+            tokens, for methods that merge dropped tokens into kept ones (VisionZip's contextual
+            tokens, SparseVLM's recycling, PIO's encoder-side merge).  None keeps them unchanged.
+
+    Merged tokens (one rule, decided in core): a merged token always *replaces a kept anchor
+    token* and takes the anchor's slot, i.e. its place in the sequence and its position id
+    (the original id under the ``keep`` policy, the renumbered one under ``renumber``).  No
+    token is ever inserted, so a stage keeps exactly ``keep`` visual tokens whether or not it
+    merges, the sequence order stays the original order, and per-layer counts, FLOPs and
+    KV-cache accounting need no special case.  A method whose paper appends merged tokens at
+    new positions picks an anchor among the tokens it merges (documented per method).
     """
 
     index: Tensor
     valid: Tensor
+    hidden: Tensor | None = None
 
     @classmethod
     def from_lists(cls, rows: list[list[int]] | list[Tensor], device=None) -> "Selection":

@@ -467,8 +467,8 @@ def make_inputs(
 
     Args:
         kind: ``"llava"``, ``"llava_next"`` or ``"qwen2_5_vl"``.
-        prompts: B prompts, each with exactly one image placeholder.
-        image_sizes: B ``(width, height)`` pairs; defaults to 56x56 for LLaVA and 100x80 for
+        prompts: B prompts, each with one or more image placeholders.
+        image_sizes: one ``(width, height)`` pair per image, in order; defaults to 56x56 for LLaVA and 100x80 for
             LLaVA-NeXT and Qwen2.5-VL. LLaVA resizes every image to 56x56; the others give a
             size-dependent number of visual tokens.
         seed: image ``i`` is ``make_image(seed + i, image_sizes[i])``.
@@ -484,11 +484,18 @@ def make_inputs(
         raise KeyError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
     processor = processor if processor is not None else make_processor(kind)
     prompts = list(prompts)
+    per_prompt = [max(1, p.count("<image>") + p.count("<|image_pad|>")) for p in prompts]
+    n_images = sum(per_prompt)
     if image_sizes is None:
-        image_sizes = [_DEFAULT_IMAGE_SIZE[kind]] * len(prompts)
-    if len(image_sizes) != len(prompts):
-        raise ValueError(f"got {len(image_sizes)} image sizes for {len(prompts)} prompts")
+        image_sizes = [_DEFAULT_IMAGE_SIZE[kind]] * n_images
+    if len(image_sizes) != n_images:
+        raise ValueError(f"got {len(image_sizes)} image sizes for {n_images} images in {len(prompts)} prompts")
     if kind == "qwen2_5_vl":
         prompts = [p if "<|image_pad|>" in p else p.replace("<image>", QWEN_IMAGE_PLACEHOLDER) for p in prompts]
-    images = [make_image(seed + i, tuple(size)) for i, size in enumerate(image_sizes)]
+    flat = [make_image(seed + i, tuple(size)) for i, size in enumerate(image_sizes)]
+    if all(n == 1 for n in per_prompt):
+        images = flat
+    else:  # several images in a prompt: one list per prompt
+        bounds = [sum(per_prompt[:i]) for i in range(len(per_prompt) + 1)]
+        images = [flat[bounds[i] : bounds[i + 1]] for i in range(len(prompts))]
     return processor(images=images, text=prompts, padding=True, return_tensors="pt")

@@ -1,0 +1,133 @@
+"""Adapter for Qwen2.5-VL (``Qwen2_5_VLForConditionalGeneration``, ``model_type`` "qwen2_5_vl").
+
+The language model (``model.model.language_model``) is a Qwen2 decoder with the Llama layer
+layout (q/k/v with biases) and 3-D multimodal RoPE (M-RoPE): every token carries a (temporal,
+height, width) position id; text tokens have three equal ids, visual tokens their grid
+coordinates offset by the text position of the image (pio-spec §7.2).
+
+What the cut does here (the generic mechanics are in :mod:`.decoder_cut`):
+
+* the visual candidates are the ``image_token_id`` tokens (every image of the prompt, dynamic
+  resolution: each image has ``t*h*w / merge**2`` tokens) and the ``video_token_id`` tokens;
+* survivors keep their original 3-D ids with gaps (``positions: keep``, the official Qwen
+  code's behaviour).  ``renumber`` gives the survivors contiguous ids equal on all three axes,
+  i.e. text-style positions (it discards the 2-D layout of the kept patches; provided for
+  ablations, not what the official code does);
+* decode steps use generate()'s ids, ``text position + rope_deltas``: ``rope_deltas`` is
+  computed by the model before the decoder runs, from the full sequence, so it is unaffected
+  by cuts;
+* the per-layer-type mask dict that Qwen2.5-VL hands its layers is replaced, for the layers
+  after a cut, by a mask rebuilt for the reduced sequence (full-attention layers; models with
+  sliding-window layers are refused).
+
+Qwen2.5-VL's vision tower has no CLS token, so strategies that need CLS attention fail when
+the plan is built.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from tokenreduce.core.errors import UnsupportedModelError
+from tokenreduce.core.plan import CompiledPlan
+from tokenreduce.core.types import Need
+
+from .decoder_cut import ArchHandles, CutAttachment
+from .layout import runs
+from .llama_signals import LlamaSignals
+from .llava import check_llama_family, generate_position_ids
+
+
+def mrope_positions(position_ids: Tensor | None, b: int, q: int, past: int, device) -> Tensor:
+    """``[3, B, q]`` M-RoPE ids from what ``Qwen2_5_VLTextModel`` receives (None, 2-D text ids,
+    3-D ids, or 4-D = text ids stacked on the 3-D ids), normalised as the model does."""
+    if position_ids is None:
+        position_ids = torch.arange(past, past + q, device=device).view(1, 1, q)
+    elif position_ids.dim() == 2:
+        position_ids = position_ids.unsqueeze(0)
+    elif position_ids.dim() == 3 and position_ids.shape[0] == 4:
+        position_ids = position_ids[1:]
+    return position_ids.expand(3, b, q)
+
+
+def mrope_grid(media: Tensor, positions: Tensor) -> Tensor:
+    """``[B, S, 3]`` (panel, row, col) of each media token, read off its M-RoPE ids.
+
+    An image's tokens carry ids ``(t0, t0 + row, t0 + col)`` (a video frame: ``t0 + frame *
+    interval`` on the first axis); every image or video is its own run of media tokens between
+    ``<|vision_start|>`` and ``<|vision_end|>``.  Panels count images and video frames within a
+    sample.  (generate() passes no ``image_grid_thw`` to the prefill call, so the grid is taken
+    from the positions the decoder receives.)
+    """
+    b, s = media.shape
+    grid = torch.zeros(b, s, 3, dtype=torch.long, device=media.device)
+    pos = positions.expand(-1, b, -1)
+    for sample, spans in enumerate(runs(media)):
+        panel = 0
+        for start, end in spans:
+            t, h, w = pos[:, sample, start:end]
+            frames, frame = torch.unique(t, return_inverse=True)
+            grid[sample, start:end, 0] = panel + frame
+            grid[sample, start:end, 1] = h - h.min()
+            grid[sample, start:end, 2] = w - w.min()
+            panel += frames.numel()
+    return grid
+
+
+class Qwen2_5_VLAdapter:
+    """Qwen2.5-VL: windowed ViT with a 2x2 patch merger + Qwen2 decoder with M-RoPE."""
+
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
+    provides: ClassVar[Need] = LlamaSignals.provides
+    missing_reasons: ClassVar[dict[Need, str]] = {
+        Need.VISION_CLS_ATTENTION: "Qwen2.5-VL's vision tower has no CLS token (use a method that scores "
+        "patches by the attention they receive)",
+    }
+
+    @classmethod
+    def num_layers(cls, model) -> int:
+        return int(model.config.text_config.num_hidden_layers)
+
+    @classmethod
+    def handles(cls, model) -> ArchHandles:
+        decoder = model.model.language_model
+        check_llama_family(decoder, "qwen2_5_vl")
+        cfg = model.config
+        image_id, video_id = int(cfg.image_token_id), int(cfg.video_token_id)
+        merge = int(cfg.vision_config.spatial_merge_size)
+
+        def media(ids: Tensor) -> Tensor:
+            return (ids == image_id) | (ids == video_id)
+
+        def visual_grid(ids: Tensor, visual: Tensor, context: dict) -> Tensor:
+            return mrope_grid(media(ids), context["positions"])
+
+        def decode_position_ids(top, mask2d: Tensor, q: int) -> Tensor:
+            text = generate_position_ids(top, mask2d, q)  # [B, q]
+            deltas = getattr(top.model, "rope_deltas", None)
+            if deltas is not None:
+                text = text + deltas.to(text.device)
+            return text.unsqueeze(0).expand(3, -1, -1)
+
+        return ArchHandles(
+            top=model,
+            decoder=decoder,
+            lm_head=model.lm_head,
+            visual_mask=lambda ids, kwargs: media(ids),
+            visual_grid=visual_grid,
+            attn_implementation=decoder.config._attn_implementation,
+            name="qwen2_5_vl",
+            is_media_token=media,
+            rotary=lambda hidden, pos: decoder.rotary_emb(hidden, pos),
+            positions=mrope_positions,
+            decode_position_ids=decode_position_ids,
+        )
+
+    @classmethod
+    def attach(cls, model, plan: CompiledPlan) -> CutAttachment:
+        if getattr(model.config.text_config, "use_sliding_window", False):
+            raise UnsupportedModelError("qwen2_5_vl: models with sliding-window attention layers are not supported yet")
+        return CutAttachment(cls.handles(model), plan)
