@@ -129,3 +129,42 @@ def test_qwen_video_tokens_are_visual_candidates(qwen_model, policy):
     tokens, ref_logits = oracle_generate(qwen_model, ids, None, stages, 4, extra=extra)
     assert out.sequences[0, -4:].tolist() == tokens
     torch.testing.assert_close(torch.stack(out.logits, 1)[0], ref_logits, atol=1e-5, rtol=0)
+
+
+def test_missing_signal_fails_at_build_time_with_the_reason(qwen_model):
+    from pydantic import BaseModel
+
+    from registry_helpers import registry_with
+    from tokenreduce.core.types import Need
+
+    class ClsScorer:
+        class Settings(BaseModel):
+            pass
+
+        needs = Need.VISION_CLS_ATTENTION
+
+        def __init__(self, settings):
+            pass
+
+        def score(self, view):  # pragma: no cover - never reached
+            raise AssertionError
+
+    registry = registry_with("cls", scorers={"cls_attention": ClsScorer})
+    plan = {"stages": [{"layer": 0, "keep": 4, "scorer": "cls_attention", "selector": "topk"}]}
+    with pytest.raises(PlanError, match=r"stages\.0: needs signals \[vision_cls_attention\].*no CLS token"):
+        tokenreduce.apply(qwen_model, plan, registry=registry)
+    assert len(qwen_model._forward_pre_hooks) == 0
+
+
+def test_image_only_qwen_processor_round_trips(tmp_path):
+    from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
+    from tokenreduce.testing.tiny import make_processor
+
+    processor = make_processor("qwen2_5_vl")
+    processor.save_pretrained(tmp_path)
+    loaded = ImageOnlyQwen2_5_VLProcessor.from_pretrained(tmp_path)
+    loaded.tokenizer.padding_side = "left"
+    prompts = [PROMPT, "USER: <image> shape? ASSISTANT:"]
+    a = make_inputs("qwen2_5_vl", prompts, processor=processor)
+    b = make_inputs("qwen2_5_vl", prompts, processor=loaded)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

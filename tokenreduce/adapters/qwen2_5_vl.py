@@ -97,7 +97,6 @@ class Qwen2_5_VLAdapter:
         check_llama_family(decoder, "qwen2_5_vl")
         cfg = model.config
         image_id, video_id = int(cfg.image_token_id), int(cfg.video_token_id)
-        merge = int(cfg.vision_config.spatial_merge_size)
 
         def media(ids: Tensor) -> Tensor:
             return (ids == image_id) | (ids == video_id)

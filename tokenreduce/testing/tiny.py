@@ -32,6 +32,8 @@ import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import nn
+
+from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
 from transformers import (
     BatchFeature,
     CLIPVisionConfig,
@@ -45,7 +47,6 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
 )
 
 __all__ = [
@@ -395,19 +396,8 @@ def make_processor(
         image_processor = Qwen2VLImageProcessorPil(
             min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
         )
-        return _ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok)
+        return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok)
     raise KeyError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
-
-
-class _ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without a video processor.
-
-    transformers 5.x derives a processor's sub-processors from its ``__init__`` signature; dropping
-    ``video_processor`` from it avoids the video processor, which needs torchvision.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------
