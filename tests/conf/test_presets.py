@@ -137,3 +137,53 @@ def test_unknown_preset_lists_known_presets():
 
 def test_preset_name_through_the_public_api():
     assert tokenreduce.build_plan("uniform_25", n_layers=32).keep_counts(576) == [144]
+
+
+# -- the budget presets and the registry as a whole ---------------------------------------------------
+def _budget(name: str) -> int | None:
+    """The layer-average budget a preset's name announces (``<method>_<64|128|192>``), else None."""
+    tail = name.rsplit("_", 1)[-1]
+    return int(tail) if tail in {"64", "128", "192"} else None
+
+
+BUDGET_PRESETS = [n for n in preset_names() if _budget(n) is not None]
+
+
+def test_every_method_has_the_three_budget_presets():
+    methods = {n.rsplit("_", 1)[0] for n in BUDGET_PRESETS}
+    assert {"fastv", "pio", "pdrop", "sparsevlm", "dart", "divprune"} <= methods
+    for m in methods:
+        assert {f"{m}_{b}" for b in (64, 128, 192)} <= set(BUDGET_PRESETS), m
+
+
+@pytest.mark.parametrize("name", BUDGET_PRESETS)
+def test_budget_preset_hits_its_layer_average_on_llava_1_5(name):
+    """LLaVA-1.5-7B: 576 visual tokens, 32 decoder layers; within one token of the name's budget,
+    and a YAML header that derives it."""
+    plan = load_preset(name)
+    average = plan.layer_average_for(576, 32)
+    assert abs(average - _budget(name)) <= 1.0, f"{name}: layer average {average}"
+    header = [line for line in (REPO_CONF / "plan" / f"{name}.yaml").read_text().splitlines() if line.startswith("#")]
+    assert len(header) >= 3, f"{name}: the YAML header must derive the budget"
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_builds_against_the_llava_adapter(name):
+    """Signals each stage needs are provided, cut layers fit a 32-layer model, settings validate."""
+    plan = load_preset(name)
+    if _unregistered(plan):
+        pytest.skip(f"preset {name}: components not registered yet")
+    adapter = get_registry().adapter_for("llava").cls
+    compiled = build_plan(plan, n_layers=32, adapter=adapter)
+    for cs in compiled.stages:
+        for part, ref in (("scorer", cs.spec.scorer), ("selector", cs.spec.selector)):
+            if ref is not None:  # the built component carries the preset's settings
+                comp = getattr(cs, part)
+                assert comp.settings.model_dump(include=set(ref.settings)) == ref.settings
+
+
+def test_every_builtin_strategy_is_used_by_a_preset():
+    stages = [s for n in preset_names() for s in load_preset(n).stages]
+    used = {("scorer", s.scorer.name) for s in stages if s.scorer} | {("selector", s.selector.name) for s in stages}
+    builtin = {(c.kind, c.name) for c in get_registry().components() if c.kind != "adapter" and c.origin.startswith("builtin:")}
+    assert builtin <= used, f"built-in strategies without a preset: {sorted(builtin - used)}"
