@@ -40,10 +40,14 @@ from torch import Tensor
 
 from tokenreduce.core.errors import PlanError, UnsupportedCallError
 from tokenreduce.core.plan import CompiledPlan, CompiledStage
-from tokenreduce.core.types import Selection, StageTrace, TokenView, Trace
+from tokenreduce.core.types import Need, Selection, StageTrace, TokenView, Trace
 
 from .llama_signals import LlamaSignals
 from .masks import SUPPORTED_ATTENTION, build_mask
+from .vision_signals import VisionCapture, VisionSignals, VisionTower
+
+#: the signals read from the vision tower (captured by :class:`VisionCapture`)
+VISION_NEEDS = Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
 
 
 def _llama_rotary(decoder) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
@@ -89,6 +93,8 @@ class ArchHandles:
     decode_position_ids: Callable[[torch.nn.Module, Tensor, int], Tensor] | None = None
     # top-level forward kwargs -> an error message when the call is not supported (e.g. video)
     check_call: Callable[[dict], str | None] | None = None
+    # () -> the vision tower's handles, for plans that read vision-tower signals (Need.VISION_*)
+    vision: Callable[[], VisionTower] | None = None
 
     def __post_init__(self) -> None:
         if self.rotary is None:
@@ -145,8 +151,10 @@ class CutAttachment:
         self._fwd: _Forward | None = None
         self._is_visual: Tensor | None = None
         self._handles: list[Any] = []
+        self._vision: VisionCapture | None = None
         first = min((cs.layer for cs in plan.stages), default=self.n_layers)
         try:
+            self._vision = self._vision_capture(handles, plan)
             self._handles.append(handles.top.register_forward_pre_hook(self._top_hook, with_kwargs=True))
             self._handles.append(handles.decoder.register_forward_pre_hook(self._decoder_hook, with_kwargs=True))
             for i, layer in enumerate(self.layers):
@@ -167,9 +175,41 @@ class CutAttachment:
         """Remove every hook this attachment registered and forget its state."""
         while self._handles:
             self._handles.pop().remove()
+        if self._vision is not None:
+            self._vision.detach()
+            self._vision = None
         self._states = []
         self._prefilled = False
         self._fwd = None
+
+    @staticmethod
+    def _vision_capture(handles: ArchHandles, plan: CompiledPlan) -> VisionCapture | None:
+        """Hooks on the vision tower when a stage reads vision signals (only a layer-0 stage can:
+        its candidates are the patches the tower produced, in order)."""
+        stages = [cs for cs in plan.stages if cs.needs & VISION_NEEDS]
+        if not stages:
+            return None
+        for cs in stages:
+            if cs.layer != 0:
+                raise PlanError(
+                    f"stages.{cs.index} cuts at layer {cs.layer} but reads vision-tower signals "
+                    f"[{(cs.needs & VISION_NEEDS).describe()}]; those exist only for the candidates the vision "
+                    "tower produced, i.e. at a stage with layer 0 (the first stage)"
+                )
+        if handles.vision is None:
+            raise PlanError(f"the {handles.name} adapter cannot capture vision-tower signals")
+        layers: set[int] | None = set()
+        for cs in stages:
+            for comp in (cs.scorer, cs.selector):
+                wanted = getattr(comp, "vision_layers", None)
+                if comp is None or wanted is None:
+                    continue
+                got = wanted()
+                if got is None:  # the component does not say: capture every layer
+                    layers = None
+                elif layers is not None:
+                    layers |= set(got)
+        return VisionCapture(handles.vision(), layers)
 
     @property
     def attached(self) -> bool:
@@ -375,6 +415,7 @@ class CutAttachment:
         slot_visual = self._is_visual.gather(1, slot_orig) & slot_valid  # [B, S]
         n_vis = slot_visual.sum(-1)  # [B]
         n_orig = self._is_visual.sum(-1)
+        captured = self._vision.take() if (self._vision is not None and cs.needs & VISION_NEEDS) else None
         keep = torch.tensor(
             [min(self.plan.keep_counts(int(n))[cs.index], int(c)) if n > 0 else 0 for n, c in zip(n_orig, n_vis)],
             dtype=torch.long,
@@ -392,6 +433,9 @@ class CutAttachment:
         visual_valid = torch.arange(n_max, device=dev).unsqueeze(0) < n_vis.unsqueeze(1)
         visual_index = torch.where(visual_valid, order, torch.zeros_like(order))
         original_index = torch.where(visual_valid, slot_orig.gather(1, visual_index), torch.full_like(order, -1))
+        vision = None
+        if captured is not None:
+            vision = VisionSignals(self._vision.tower, captured, n_vis, visual_valid)
         signals = LlamaSignals(
             layers=self.layers,
             norm=self.h.decoder.norm,
@@ -401,6 +445,7 @@ class CutAttachment:
             previous=self._fwd.captured.get(cs.layer - 1),
             valid=slot_valid,
             grid=lambda: self._visual_grid().gather(1, original_index.clamp(min=0).unsqueeze(-1).expand(-1, -1, 3)),
+            vision=vision,
         )
         view = TokenView(
             layer=cs.layer,

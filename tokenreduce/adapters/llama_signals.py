@@ -30,6 +30,7 @@ from torch import Tensor
 from tokenreduce.core.types import Need
 
 from .masks import build_mask
+from .vision_signals import VisionSignals
 
 #: layer kwargs that must never reach a probe forward (the probe has no KV cache)
 _CACHE_KWARGS = (
@@ -83,6 +84,7 @@ class LlamaSignals:
         previous: tuple[Tensor, dict] | None,
         valid: Tensor,
         grid: Callable[[], Tensor],
+        vision: VisionSignals | None = None,
     ):
         self._layers = layers
         self._norm = norm
@@ -91,6 +93,7 @@ class LlamaSignals:
         self._inputs = {0: current, -1: previous}
         self._valid = valid  # [B, S]
         self._grid = grid
+        self._vision_signals = vision
 
     # -- helpers ---------------------------------------------------------------------------------
     def _resolve(self, layer_offset: int):
@@ -209,3 +212,24 @@ class LlamaSignals:
 
     def visual_grid(self) -> Tensor:
         return self._grid()
+
+    # -- vision-tower signals (see tokenreduce.adapters.vision_signals) ----------------------------
+    def _vision(self) -> VisionSignals:
+        if self._vision_signals is None:
+            raise RuntimeError(
+                f"vision-tower signals are only available at a stage cutting at layer 0 of a plan whose "
+                f"components declare a Need.VISION_* flag (this stage cuts at layer {self._layer})"
+            )
+        return self._vision_signals
+
+    def vision_cls_attention(self, layer: int, heads: str = "sum") -> Tensor:
+        return self._vision().cls_attention(layer, heads)
+
+    def vision_keys(self, layer: int, heads: str = "mean") -> Tensor:
+        return self._vision().keys(layer, heads)
+
+    def vision_features(self) -> Tensor:
+        return self._vision().features()
+
+    def project_vision(self, features: Tensor) -> Tensor:
+        return self._vision().project(features)

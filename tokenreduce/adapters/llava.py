@@ -19,6 +19,7 @@ from tokenreduce.core.types import Need
 
 from .decoder_cut import ArchHandles, CutAttachment
 from .llama_signals import LlamaSignals
+from .vision_signals import clip_tower
 
 
 def image_token_id(config) -> int:
@@ -64,7 +65,11 @@ class LlavaAdapter:
     """LLaVA-1.5: CLIP vision tower + projector + Llama language model."""
 
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
-    provides: ClassVar[Need] = LlamaSignals.provides
+    #: vision-tower signals (CLS attention, keys at a CLIP layer, the projector's input features)
+    #: are recomputed from captured CLIP layer inputs (:mod:`.vision_signals`)
+    provides: ClassVar[Need] = (
+        LlamaSignals.provides | Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
+    )
 
     @classmethod
     def num_layers(cls, model) -> int:
@@ -85,6 +90,7 @@ class LlavaAdapter:
             attn_implementation=decoder.config._attn_implementation,
             name="llava",
             decode_position_ids=generate_position_ids,
+            vision=lambda: clip_tower(model, name="llava"),
         )
 
     @classmethod

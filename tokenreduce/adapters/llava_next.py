@@ -82,6 +82,11 @@ class LlavaNextAdapter:
 
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
     provides: ClassVar[Need] = LlamaSignals.provides
+    missing_reasons: ClassVar[dict[Need, str]] = {
+        flag: "vision-tower signals are not implemented for LLaVA-NeXT's anyres layout yet (base image + "
+        "unpadded crops + newline tokens); encoder-side methods run on LLaVA-1.5"
+        for flag in (Need.VISION_CLS_ATTENTION, Need.VISION_KEYS, Need.VISION_FEATURES)
+    }
     Settings: ClassVar[type[BaseModel]] = LlavaNextSettings
 
     @classmethod

@@ -85,6 +85,9 @@ class Qwen2_5_VLAdapter:
     missing_reasons: ClassVar[dict[Need, str]] = {
         Need.VISION_CLS_ATTENTION: "Qwen2.5-VL's vision tower has no CLS token (use a method that scores "
         "patches by the attention they receive)",
+        Need.VISION_KEYS: "vision-tower keys are not implemented for Qwen2.5-VL's windowed ViT yet",
+        Need.VISION_FEATURES: "Qwen2.5-VL's 2x2 patch merger mixes four ViT patches into one visual token, "
+        "so there are no per-token vision features before the projector to merge",
     }
 
     @classmethod

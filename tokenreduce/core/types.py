@@ -40,6 +40,11 @@ class Need(enum.Flag):
     VISION_CLS_ATTENTION = enum.auto()
     #: (image, row, column) of each visual token on its image's grid
     VISUAL_GRID = enum.auto()
+    #: key states of the patch tokens at a vision-tower layer
+    VISION_KEYS = enum.auto()
+    #: the vision features the projector receives (e.g. CLIP layer -2 output) and the projector
+    #: itself, for methods that merge tokens in the vision-feature space (VisionZip)
+    VISION_FEATURES = enum.auto()
 
     def describe(self) -> str:
         """Comma-separated lower-case names of the flags set, e.g. ``"attention_rows, visual_grid"``."""
@@ -93,6 +98,33 @@ class SignalSource(Protocol):
 
     def visual_grid(self) -> Tensor:
         """``[B, N, 3]`` long: (image index within the sample, row, column) of each candidate."""
+        ...
+
+    # -- vision-tower signals (Need.VISION_*): only at a stage cutting at layer 0, the first
+    # stage of a plan, whose candidates are exactly the patch tokens the vision tower produced.
+    # Vision layers are encoder-layer indices (negative = from the end, -2 = the second to
+    # last); a signal "at layer i" is computed from the input of encoder layer i, i.e. it is
+    # what layer i's own attention sees (``attentions[i]`` of an eager run).
+
+    def vision_cls_attention(self, layer: int, heads: str = "sum") -> Tensor:
+        """Attention from the CLS query to each candidate's patch in vision layer ``layer``,
+        softmax over CLS + all patches of its image, then summed (``heads="sum"``) or averaged
+        (``"mean"``) over heads: ``[B, N]`` float32 (0 at invalid candidates)."""
+        ...
+
+    def vision_keys(self, layer: int, heads: str = "mean") -> Tensor:
+        """Key states (``k_proj`` of the layer-normed input) of each candidate's patch at vision
+        layer ``layer``: ``[B, N, head_dim]`` averaged over heads (``"mean"``) or ``[B, N, d_v]``
+        with heads concatenated (``"concat"``); vision dtype."""
+        ...
+
+    def vision_features(self) -> Tensor:
+        """``[B, N, d_v]``: the vision features the projector turned into each candidate (for
+        LLaVA the CLS-free ``vision_feature_layer`` hidden states); vision dtype."""
+        ...
+
+    def project_vision(self, features: Tensor) -> Tensor:
+        """The model's projector: ``[..., d_v] -> [..., d]`` (hidden-state dtype)."""
         ...
 
 

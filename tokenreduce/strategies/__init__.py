@@ -33,3 +33,14 @@ def tokenreduce_register(registry) -> None:
     registry.selector("dart", DARTSelector)
     registry.selector("divprune", DivPruneSelector)
 
+    # encoder-side methods (vision-tower signals; stage at layer 0)
+    from .holov import HoloVSelector
+    from .pio_ve import PIOVESelector
+    from .scope import SCOPESelector
+    from .visionzip import CLSAttentionScorer, VisionZipSelector
+
+    registry.scorer("vision_cls", CLSAttentionScorer)
+    registry.selector("visionzip", VisionZipSelector)
+    registry.selector("scope", SCOPESelector)
+    registry.selector("holov", HoloVSelector)
+    registry.selector("pio_ve", PIOVESelector)
