@@ -168,3 +168,15 @@ def test_image_only_qwen_processor_round_trips(tmp_path):
     a = make_inputs("qwen2_5_vl", prompts, processor=processor)
     b = make_inputs("qwen2_5_vl", prompts, processor=loaded)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["llava", "llava_next", "qwen2_5_vl"])
+def test_visual_layout_is_available_after_decode_steps(kind, next_model, qwen_model):
+    model = {"llava_next": next_model, "qwen2_5_vl": qwen_model}.get(kind) or build_tiny("llava")
+    inputs = make_inputs(kind, [PROMPT])
+    with tokenreduce.apply(model, {"stages": [{"layer": 1, "keep": 3, "selector": "random"}]}) as att:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)  # decode steps after the prefill
+        mask, layout = att.visual_layout()
+    assert torch.equal(mask, att.candidate_mask) and layout.shape == (*mask.shape, 4)
+    n_newline = int(layout[0][mask[0]][:, 3].sum())
+    assert (n_newline > 0) == (kind == "llava_next")

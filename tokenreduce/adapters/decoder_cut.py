@@ -150,6 +150,7 @@ class CutAttachment:
         self._seen = 0
         self._fwd: _Forward | None = None
         self._is_visual: Tensor | None = None
+        self._context: dict = {}
         self._handles: list[Any] = []
         self._vision: VisionCapture | None = None
         first = min((cs.layer for cs in plan.stages), default=self.n_layers)
@@ -219,6 +220,15 @@ class CutAttachment:
     def candidate_mask(self) -> Tensor | None:
         """``[B, S]`` bool: the visual candidates of the last prefill (positions in its input)."""
         return self._is_visual
+
+    def visual_layout(self) -> tuple[Tensor, Tensor]:
+        """The last prefill's candidates on their grids: ``(candidate_mask [B, S] bool,
+        layout [B, S, 4] long)`` with columns (image/panel, row, col, newline flag); the newline
+        flag marks LLaVA-NeXT's ``image_newline`` tokens (0 elsewhere)."""
+        grid = self.visual_grid()
+        newline = self._context.get("newline")
+        flag = newline.long() if newline is not None else torch.zeros_like(grid[..., 0])
+        return self._is_visual, torch.cat([grid, flag.unsqueeze(-1)], dim=-1)
 
     def visual_grid(self) -> Tensor:
         """``[B, S, 3]`` long (image/panel, row, col) of every position of the last prefill's
@@ -322,6 +332,8 @@ class CutAttachment:
             fwd.top_kwargs.update(inputs_embeds=embeds, positions=fwd.positions)
             self._is_visual = self.h.visual_mask(self._input_ids, fwd.top_kwargs) & valid  # [B, S]
             fwd.top_kwargs.pop("inputs_embeds")
+            # what visual_grid may read later (also after decode steps); not the big tensors
+            self._context = {k: v for k, v in fwd.top_kwargs.items() if k not in _NOT_KEPT}
             self.trace.original_visual = self._is_visual.sum(-1).tolist()
             self.trace.final_index = [torch.nonzero(v).flatten().tolist() for v in valid]
         return None
@@ -502,7 +514,7 @@ class CutAttachment:
 
     def _visual_grid(self) -> Tensor:
         if self._grid is None:
-            self._grid = self.h.visual_grid(self._input_ids, self._is_visual, self._fwd.top_kwargs)
+            self._grid = self.h.visual_grid(self._input_ids, self._is_visual, self._context)
         return self._grid
 
     def _record(self, cs, tokens_before, tokens_after, visual_before, visual_after, kept, t0):
@@ -518,6 +530,10 @@ class CutAttachment:
                 seconds=time.perf_counter() - t0,
             )
         )
+
+
+#: top-level forward kwargs not kept after the prefill (large, and no layout reads them)
+_NOT_KEPT = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs", "past_key_values", "inputs_embeds")
 
 
 def _max_valid(pos: Tensor, valid: Tensor) -> Tensor:

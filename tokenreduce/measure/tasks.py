@@ -1,0 +1,379 @@
+"""Evaluation tasks and the evaluation driver: vanilla first, then each plan, same inputs.
+
+Task: **easy-VQA** (the ``easy_vqa`` package: 64x64 pictures of one coloured shape; 4,000 train
+/ 1,000 test images, 38,575 / 9,673 questions, 13 one-word answers: shapes, colours, yes/no).
+The evaluated subset is fixed and documented: the question indices of the split are shuffled
+with ``random.Random(seed).shuffle`` and the first ``n`` are taken (``seed`` 0 and ``n`` from
+``conf/task/easy_vqa.yaml`` unless overridden), so every run, plan and machine sees the same
+questions in the same order.
+
+The driver (:func:`evaluate`) generates greedily in batches (left padding) with vanilla first,
+then each plan, and reports per plan: accuracy against the gold answers
+(:func:`tokenreduce.measure.fidelity.accuracy`), retention (share of the vanilla accuracy),
+first-token agreement, exact match of the whole answer and first-token KL(vanilla || plan)
+against vanilla, FLOPs in both conventions and KV-cache bytes from the accounting with the
+trace's actual per-sample counts (:func:`tokenreduce.measure.flops.account`; KV bytes at the
+model's dtype, e.g. 4 bytes per element in fp32), the layer average of visual tokens, and wall
+time.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenreduce.core.errors import TokenReduceError
+
+from . import fidelity
+
+__all__ = ["TaskSettings", "EvalSettings", "Example", "load_task", "format_prompt", "PlanOutputs", "EvalResult", "evaluate"]
+
+VANILLA = "vanilla"
+
+
+class TaskSettings(BaseModel):
+    """A task conf (``conf/task/<name>.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["easy_vqa"] = "easy_vqa"
+    split: Literal["train", "test"] = "test"
+    n: int = Field(default=64, ge=1, description="questions: the first n after a fixed shuffle of the split")
+    seed: int = Field(default=0, description="seed of the fixed shuffle (random.Random(seed).shuffle)")
+    question_format: str = Field(default="{question}", description="how a question is written into the prompt's {question}")
+    description: str = ""
+
+
+class EvalSettings(BaseModel):
+    """The ``eval`` section of the config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    batch_size: int = Field(default=8, ge=1, description="questions per generate() (left padding)")
+    max_new_tokens: int = Field(default=8, ge=1, description="greedy answer length limit")
+    progress: bool = Field(default=True, description="show a progress bar on stderr")
+    warmup: bool = Field(default=True, description="one untimed generate() of the first batch before timing")
+    keep_answers: bool = Field(default=True, description="write every answer of every plan into results.json")
+
+
+@dataclass
+class Example:
+    """One question: ``index`` in the split's question list, the image file and the gold answer."""
+
+    index: int
+    question: str
+    answer: str
+    image_id: int
+    image_path: str
+
+    def image(self):
+        """The picture as an RGB ``PIL.Image``."""
+        from PIL import Image
+
+        with Image.open(self.image_path) as im:
+            return im.convert("RGB")
+
+
+def load_task(settings: TaskSettings | Mapping[str, Any]) -> list[Example]:
+    """The fixed subset of a task (see the module docstring)."""
+    settings = settings if isinstance(settings, TaskSettings) else TaskSettings.model_validate(dict(settings))
+    try:
+        import easy_vqa
+    except ImportError:  # pragma: no cover - a declared dependency
+        raise TokenReduceError("task easy_vqa needs the easy-vqa package (pip install easy-vqa)") from None
+    if settings.split == "test":
+        texts, answers, image_ids = easy_vqa.get_test_questions()
+        paths = easy_vqa.get_test_image_paths()
+    else:
+        texts, answers, image_ids = easy_vqa.get_train_questions()
+        paths = easy_vqa.get_train_image_paths()
+    if settings.n > len(texts):
+        raise TokenReduceError(f"task.n={settings.n} exceeds the {len(texts)} questions of easy_vqa's {settings.split} split")
+    order = list(range(len(texts)))
+    random.Random(settings.seed).shuffle(order)
+    return [Example(i, texts[i], answers[i], image_ids[i], paths[image_ids[i]]) for i in order[: settings.n]]
+
+
+def format_prompt(template: str, question: str, question_format: str = "{question}") -> str:
+    """The model's prompt for one question: ``{question}`` in ``template`` replaced by the
+    question written through ``question_format`` (plain replacement: other braces are kept)."""
+    if "{question}" not in template:
+        raise TokenReduceError(f"prompt template {template!r} has no {{question}} placeholder")
+    return template.replace("{question}", question_format.replace("{question}", question))
+
+
+@dataclass
+class PlanOutputs:
+    """What one configuration generated for every example (in example order).
+
+    Attributes:
+        answers: decoded answers (special tokens skipped, stripped).
+        tokens: generated ids up to the first end-of-sequence token.
+        first_logits: ``[N, V]`` float32 CPU raw logits of the first generated position.
+        n_visual, n_text: per example, tokens of the prompt.
+        visual_per_layer: per example, visual tokens each decoder layer saw.
+        accounting: per example, the FLOP/KV accounting dict (``None`` when unavailable).
+        seconds: wall time of all of this configuration's ``generate()`` calls.
+        select_seconds: time the stages spent scoring and selecting (sum over batches).
+    """
+
+    name: str
+    answers: list[str] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    first_logits: torch.Tensor | None = None
+    n_visual: list[int] = field(default_factory=list)
+    n_text: list[int] = field(default_factory=list)
+    visual_per_layer: list[list[int]] = field(default_factory=list)
+    accounting: list[dict[str, Any] | None] = field(default_factory=list)
+    seconds: float = 0.0
+    select_seconds: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    """Metrics per configuration (vanilla first) plus the examples and per-example answers."""
+
+    task: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    examples: list[dict[str, Any]]
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"task": self.task, "metrics": self.metrics, "notes": self.notes, "examples": self.examples}
+
+    _COLUMNS = (
+        ("config", "name", "{}"),
+        ("layer avg", "layer_average", "{:.1f}"),
+        ("accuracy", "accuracy", "{:.3f}"),
+        ("retention", "retention", "{:.1%}"),
+        ("1st-tok agree", "first_token_agreement", "{:.3f}"),
+        ("exact match", "exact_match", "{:.3f}"),
+        ("1st-tok KL", "first_token_kl", "{:.4f}"),
+        ("FLOPs true", "flops_true", "si"),
+        ("FLOPs paper", "flops_paper", "si"),
+        ("KV MiB", "kv_mib", "{:.2f}"),
+        ("s", "seconds", "{:.2f}"),
+    )
+
+    def _rows(self) -> tuple[list[str], list[list[str]]]:
+        from .latency import format_si
+
+        header = [c[0] for c in self._COLUMNS]
+        rows = []
+        for m in self.metrics:
+            row = []
+            for _, key, fmt in self._COLUMNS:
+                value = m.get(key)
+                row.append("-" if value is None else format_si(value) if fmt == "si" else fmt.format(value))
+            rows.append(row)
+        return header, rows
+
+    def table(self) -> str:
+        from .latency import format_table
+
+        header, rows = self._rows()
+        return format_table(rows, header)
+
+    def markdown(self) -> str:
+        header, rows = self._rows()
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        task = self.task
+        head = f"# Evaluation: {task.get('name')} ({task.get('split')}, {task.get('n')} questions, seed {task.get('seed')})\n\n"
+        notes = "".join(f"\n- {n}" for n in self.notes)
+        return head + "\n".join(lines) + ("\n\nNotes:" + notes if notes else "") + "\n"
+
+
+class _Accountant:
+    """Per-sample FLOP/KV accounting, cached by (plan, n_visual, n_text, visual per layer)."""
+
+    def __init__(self, config, notes: list[str], kv_dtype_bytes: int):
+        self.config = config
+        self.notes = notes
+        self.kv_dtype_bytes = kv_dtype_bytes
+        self.cache: dict[Any, Any] = {}
+        try:
+            from tokenreduce.measure.flops import account
+        except ImportError as exc:
+            self.account = None
+            notes.append(f"FLOP accounting unavailable ({exc}); FLOP columns are n/a")
+        else:
+            self.account = account
+
+    def __call__(self, name: str, plan, n_visual: int, n_text: int, trace, sample: int, per_layer: list[int]):
+        if self.account is None:
+            return None
+        key = (name, n_visual, n_text, tuple(per_layer))
+        if key not in self.cache:
+            try:
+                self.cache[key] = self.account(
+                    self.config, plan=plan, n_visual=n_visual, n_text=n_text, trace=trace, sample=sample,
+                    kv_dtype_bytes=self.kv_dtype_bytes,
+                ).to_dict()
+            except Exception as exc:  # noqa: BLE001 - accuracy stays valid without FLOPs
+                note = f"FLOP accounting failed: {type(exc).__name__}: {exc}"
+                if note not in self.notes:
+                    self.notes.append(note)
+                self.cache[key] = None
+        return self.cache[key]
+
+
+def _generate(loaded, examples: list[Example], compiled, name: str, settings: EvalSettings, template: str,
+              question_format: str, accountant: _Accountant, bar) -> PlanOutputs:
+    from .latency import count_tokens
+
+    model = loaded.model
+    gen_cfg = model.generation_config
+    eos = gen_cfg.eos_token_id
+    pad = gen_cfg.pad_token_id
+    tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
+    outputs = PlanOutputs(name)
+    logits = []
+    for start in range(0, len(examples), settings.batch_size):
+        batch = examples[start : start + settings.batch_size]
+        prompts = [format_prompt(template, ex.question, question_format) for ex in batch]
+        inputs = loaded.processor_inputs(prompts, [ex.image() for ex in batch])
+        n_vis, n_txt = count_tokens(model, inputs)
+        kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        if pad is None and eos is not None:
+            kwargs["pad_token_id"] = eos if isinstance(eos, int) else eos[0]
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            if compiled is None:
+                out, trace = model.generate(**inputs, **kwargs), None
+            else:
+                adapter, plan = compiled
+                with adapter.attach(model, plan) as att:
+                    out = model.generate(**inputs, **kwargs)
+                trace = att.trace
+        if loaded.device.type == "cuda":
+            torch.cuda.synchronize(loaded.device)
+        outputs.seconds += time.perf_counter() - t0
+        generated = out.sequences[:, inputs["input_ids"].shape[1] :]
+        trimmed = fidelity.trim_at_eos(generated, eos, pad)
+        outputs.tokens += trimmed
+        outputs.answers += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in trimmed]
+        logits.append(out.logits[0].float().cpu())
+        for b in range(len(batch)):
+            per_layer = trace.visual_per_layer(b) if trace is not None else [n_vis[b]] * loaded.n_layers
+            outputs.n_visual.append(n_vis[b])
+            outputs.n_text.append(n_txt[b])
+            outputs.visual_per_layer.append(per_layer)
+            plan_obj = compiled[1].plan if compiled is not None else None
+            outputs.accounting.append(accountant(name, plan_obj, n_vis[b], n_txt[b], trace, b, per_layer))
+        if trace is not None:
+            outputs.select_seconds += sum(st.seconds for st in trace.stages)
+        bar.update(len(batch))
+    outputs.first_logits = torch.cat(logits, dim=0)
+    return outputs
+
+
+def _mean(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return sum(vals) / len(vals) if vals and len(vals) == len(values) else None
+
+
+def evaluate(
+    loaded,
+    examples: list[Example],
+    plans: Mapping[str, Any],
+    settings: EvalSettings | None = None,
+    *,
+    template: str,
+    question_format: str = "{question}",
+    task_info: Mapping[str, Any] | None = None,
+    progress_factory: Callable[..., Any] | None = None,
+) -> EvalResult:
+    """Evaluate vanilla and then every plan on ``examples``.
+
+    Args:
+        loaded: a :class:`tokenreduce.models.LoadedModel` with a processor.
+        examples: from :func:`load_task`.
+        plans: display name -> plan (Plan, dict or preset name); all validated before any run.
+        settings: :class:`EvalSettings`.
+        template: the model's prompt template (image placeholder and ``{question}``).
+        question_format: the task's question format.
+        task_info: written into the result (name, split, n, seed).
+
+    Returns:
+        an :class:`EvalResult` whose ``metrics`` has one dict per configuration with keys
+        ``name, accuracy, retention, first_token_agreement, exact_match, first_token_kl,
+        flops_true, flops_paper, tflops_true, tflops_paper, kv_bytes, kv_mib, layer_average,
+        seconds, ms_per_example, select_seconds, flop_ratio``.
+    """
+    import tokenreduce
+
+    if not examples:
+        raise TokenReduceError("evaluate: no examples")
+    if VANILLA in plans:
+        raise TokenReduceError(f"{VANILLA!r} is reserved for the unreduced model; rename that plan")
+    settings = settings or EvalSettings()
+    compiled = {name: tokenreduce.compile_for(loaded.model, plan) for name, plan in plans.items()}
+    notes: list[str] = []
+    accountant = _Accountant(loaded.model.config, notes, kv_dtype_bytes=loaded.dtype.itemsize)
+    if progress_factory is None:
+        from tqdm.auto import tqdm as progress_factory
+    names = [VANILLA, *plans]
+    runs: dict[str, PlanOutputs] = {}
+    if settings.warmup:  # the first generate() pays one-off costs that would be charged to vanilla
+        first = examples[: settings.batch_size]
+        prompts = [format_prompt(template, ex.question, question_format) for ex in first]
+        with torch.no_grad():
+            loaded.model.generate(**loaded.processor_inputs(prompts, [ex.image() for ex in first]),
+                                  max_new_tokens=1, do_sample=False)
+    bar = progress_factory(total=len(examples) * len(names), desc="eval", disable=not settings.progress, leave=False)
+    try:
+        for name in names:
+            bar.set_postfix_str(name)
+            runs[name] = _generate(loaded, examples, compiled.get(name), name, settings, template, question_format, accountant, bar)
+    finally:
+        bar.close()
+
+    gold = [ex.answer for ex in examples]
+    base = runs[VANILLA]
+    base_acc = fidelity.accuracy(base.answers, gold)
+    metrics = []
+    for name in names:
+        run = runs[name]
+        acc = fidelity.accuracy(run.answers, gold)
+        flops_true = _mean([a["flops_true"] if a else None for a in run.accounting])
+        flops_paper = _mean([a["flops_paper"] if a else None for a in run.accounting])
+        kv = _mean([a["kv_bytes"] if a else None for a in run.accounting])
+        metrics.append({
+            "name": name,
+            "plan": compiled[name][1].plan.model_dump(mode="json", exclude_defaults=True) if name in compiled else None,
+            "accuracy": acc,
+            "retention": fidelity.retention(acc, base_acc),
+            "first_token_agreement": fidelity.first_token_agreement(base.tokens, run.tokens),
+            "exact_match": fidelity.exact_match(base.tokens, run.tokens),
+            "first_token_kl": fidelity.first_token_kl(base.first_logits, run.first_logits),
+            "flops_true": flops_true,
+            "flops_paper": flops_paper,
+            "tflops_true": flops_true / 1e12 if flops_true is not None else None,
+            "tflops_paper": flops_paper / 1e12 if flops_paper is not None else None,
+            "kv_bytes": kv,
+            "kv_mib": kv / 2**20 if kv is not None else None,
+            "layer_average": sum(sum(p) / len(p) for p in run.visual_per_layer) / len(run.visual_per_layer),
+            "n_visual_mean": sum(run.n_visual) / len(run.n_visual),
+            "n_text_mean": sum(run.n_text) / len(run.n_text),
+            "seconds": run.seconds,
+            "ms_per_example": 1e3 * run.seconds / len(examples),
+            "select_seconds": run.select_seconds,
+        })
+    vanilla_flops = metrics[0]["flops_true"]
+    for m in metrics:
+        m["flop_ratio"] = vanilla_flops / m["flops_true"] if vanilla_flops and m["flops_true"] else None
+    if base_acc == 0:
+        notes.append("vanilla accuracy is 0 (e.g. random weights): retention is undefined")
+    per_example = []
+    for i, ex in enumerate(examples):
+        row = {"index": ex.index, "image_id": ex.image_id, "question": ex.question, "gold": ex.answer}
+        if settings.keep_answers:
+            row["answers"] = {name: runs[name].answers[i] for name in names}
+        per_example.append(row)
+    return EvalResult(task=dict(task_info or {}), metrics=metrics, examples=per_example, notes=notes)

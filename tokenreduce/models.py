@@ -1,0 +1,459 @@
+"""Loading the models the command line and the measurements run on, from a model conf.
+
+A model conf (``conf/model/*.yaml``, validated by :class:`ModelSettings`) names one of three
+kinds:
+
+* ``tiny``: a tiny random-weight VLM built in code (:func:`tokenreduce.testing.tiny.build_tiny`)
+  with its local processor: seconds on a CPU, for tests and demos;
+* ``config``: random weights of a real architecture (``hf_config``, optionally with fewer decoder
+  layers, ``text_layers``) built in code in the configured dtype, seeded.  There is no processor:
+  :meth:`LoadedModel.synthetic_inputs` builds inputs of the right shapes (random pixels plus input
+  ids with the right number of image tokens), so speed can be measured without weights;
+* ``pretrained``: ``from_pretrained`` of a local folder (``path``; never a hub download), model
+  and processor.  ``pkg:<package>/<folder>`` names a folder shipped inside an installed package,
+  e.g. ``pkg:tokenreduce.reference/models/<name>``.
+
+Attention implementation: ``flash_attention_2`` is used only when CUDA and the ``flash_attn``
+package are present and the conf asks for it or says ``auto``; otherwise ``auto`` means ``sdpa``
+and a request for ``flash_attention_2`` falls back to ``sdpa`` with a logged warning.  Half
+precision on a CPU (5-600x slower than fp32 there) is replaced by float32 with a warning; the
+dtype actually used is recorded in :meth:`LoadedModel.describe`.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor
+
+from tokenreduce.core.errors import TokenReduceError
+
+__all__ = [
+    "ARCHS",
+    "ModelSettings",
+    "LoadedModel",
+    "load_model",
+    "resolve_device",
+    "resolve_dtype",
+    "resolve_attn_implementation",
+    "resolve_path",
+    "synthetic_inputs",
+    "format_settings_error",
+]
+
+log = logging.getLogger("tokenreduce")
+
+ARCHS = ("llava", "llava_next", "qwen2_5_vl")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelSettings(BaseModel):
+    """One model conf (``conf/model/<name>.yaml``); unknown keys are refused."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["tiny", "config", "pretrained"]
+    arch: Literal["llava", "llava_next", "qwen2_5_vl"]
+    name: str | None = Field(default=None, description="shown in tables; defaults to the conf's file name")
+    text_layers: int | None = Field(default=None, ge=1, description="decoder layers (fewer than the real model's: faster)")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field(default="auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
+    path: str | None = Field(default=None, description="kind pretrained: a local folder, or pkg:<package>/<folder>")
+    n_visual: int | None = Field(default=None, ge=1, description="visual tokens per sample for synthetic inputs and FLOPs")
+    n_text: int | None = Field(default=None, ge=1, description="text tokens per sample for synthetic inputs and FLOPs")
+    hf_config: dict[str, Any] | None = Field(default=None, description="kind config: the Hugging Face config dict")
+    image_size: int | None = Field(default=None, ge=1, description="kind tiny: vision input size in pixels")
+    patch: int | None = Field(default=None, ge=1, description="kind tiny: patch size in pixels")
+    seed: int = Field(default=0, description="weight seed (tiny, config)")
+    prompt: str | None = Field(
+        default=None,
+        description="prompt template with the image placeholder and {question}; defaults to prompts.<arch> of the root config",
+    )
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> "ModelSettings":
+        if self.kind == "config" and not self.hf_config:
+            raise ValueError("kind 'config' needs hf_config (the Hugging Face config dict of the architecture)")
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("kind 'pretrained' needs path (a local folder with the model and its processor)")
+        if self.kind == "tiny" and (self.hf_config or self.path):
+            raise ValueError("kind 'tiny' is built in code: remove hf_config and path (or use kind config/pretrained)")
+        return self
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with what the measurements need to know about it.
+
+    Attributes:
+        model: the Hugging Face VLM in eval mode, on ``device``.
+        processor: its processor, or ``None`` for kind ``config`` (use :meth:`synthetic_inputs`).
+        arch: ``"llava"``, ``"llava_next"`` or ``"qwen2_5_vl"``.
+        name: display name.
+        settings: the validated conf.
+        device, dtype, attn_implementation: what was actually used (after the fallbacks).
+    """
+
+    model: Any
+    processor: Any | None
+    arch: str
+    name: str
+    settings: ModelSettings
+    device: torch.device
+    dtype: torch.dtype
+    attn_implementation: str
+
+    @property
+    def kind(self) -> str:
+        return self.settings.kind
+
+    @property
+    def n_layers(self) -> int:
+        """Decoder layers of the language model."""
+        return int(_text_config(self.model.config).num_hidden_layers)
+
+    def describe(self) -> dict[str, Any]:
+        """Plain facts for results files."""
+        n_params = sum(p.numel() for p in self.model.parameters())
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "arch": self.arch,
+            "model_type": self.model.config.model_type,
+            "decoder_layers": self.n_layers,
+            "hidden_size": int(_text_config(self.model.config).hidden_size),
+            "parameters": n_params,
+            "device": str(self.device),
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "requested_dtype": self.settings.dtype,
+            "attn_implementation": self.attn_implementation,
+            "requested_attn_implementation": self.settings.attn_implementation,
+            "weights": "random" if self.kind in ("tiny", "config") else "pretrained",
+        }
+
+    def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        """Tensors of ``batch`` moved to the model's device; floating tensors to its dtype."""
+        out = {}
+        for key, value in batch.items():
+            if isinstance(value, Tensor):
+                value = value.to(self.device, dtype=self.dtype if value.is_floating_point() else None)
+            out[key] = value
+        return out
+
+    def processor_inputs(self, prompts: list[str], images: list[Any]) -> dict[str, Any]:
+        """Run the processor on B prompts and B PIL images (left padding); on the model's device.
+
+        Returns the processor's tensors: ``input_ids`` ``[B, S]``, ``attention_mask`` ``[B, S]``,
+        ``pixel_values`` and the architecture's extras (``image_sizes``, ``image_grid_thw``).
+        """
+        if self.processor is None:
+            raise TokenReduceError(
+                f"model {self.name!r} (kind {self.kind}) has no processor: it runs on synthetic inputs only "
+                "(bench, flops); use a tiny or pretrained model for prompts and images"
+            )
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
+        tokenizer = getattr(self.processor, "tokenizer", None)
+        if tokenizer is not None:
+            tokenizer.padding_side = "left"
+        batch = self.processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
+        return self.to_device(dict(batch))
+
+    def synthetic_inputs(self, batch_size: int = 1, n_visual: int | None = None, n_text: int | None = None,
+                         seed: int = 0) -> dict[str, Any]:
+        """Random inputs of the right shapes for this model (see :func:`synthetic_inputs`)."""
+        n_visual = n_visual if n_visual is not None else self.settings.n_visual
+        n_text = n_text if n_text is not None else (self.settings.n_text or 60)
+        return self.to_device(synthetic_inputs(self.model.config, self.arch, batch_size, n_visual, n_text, seed))
+
+
+def format_settings_error(exc, prefix: str, root: type[BaseModel]) -> str:
+    """A pydantic error on a settings section as lines ``prefix.key: message (got value)``;
+    unknown keys list the allowed ones (the same format as plan errors)."""
+    from tokenreduce.core.plan import format_validation_error
+
+    body = format_validation_error(exc, prefix=prefix, root=root).split("\n", 1)[1]
+    return (f"invalid {prefix} settings:\n" if prefix else "invalid config:\n") + body
+
+
+# -- resolution of device, dtype, attention, path ------------------------------------------------
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TokenReduceError(f"model.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TokenReduceError(f"model.device={device!r} but CUDA is not available; use model.device=cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float32 on CPU, bfloat16 on CUDA.  Half precision on a CPU becomes float32
+    (with a warning): bf16/fp16 matmuls are 5-600x slower than fp32 there."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved = _DTYPES[dtype]
+    if device.type == "cpu" and resolved != torch.float32:
+        log.warning("model.dtype=%s on a CPU: using float32 instead (half precision is 5-600x slower there)", dtype)
+        return torch.float32
+    return resolved
+
+
+def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+    """``flash_attention_2`` only with CUDA and the ``flash_attn`` package, when asked for or
+    ``auto``; ``auto`` otherwise means ``sdpa``; ``sdpa`` and ``eager`` as given."""
+    if requested not in ("auto", "flash_attention_2"):
+        return requested
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    if requested == "flash_attention_2":
+        log.warning("model.attn_implementation=flash_attention_2 needs CUDA and the flash_attn package; using sdpa")
+    return "sdpa"
+
+
+def resolve_path(path: str) -> Path:
+    """A model folder: ``pkg:<package>/<sub/folder>`` inside an installed package, else a local
+    path (``~`` expanded; relative to the working directory)."""
+    if path.startswith("pkg:"):
+        package, _, sub = path[4:].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except (ModuleNotFoundError, TypeError):
+            raise TokenReduceError(f"model.path={path!r}: package {package!r} is not installed") from None
+        folder = Path(str(root.joinpath(sub)))
+    else:
+        folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise TokenReduceError(f"model.path={path!r}: no such folder ({folder.resolve()}); models load from local folders only")
+    return folder
+
+
+# -- loading ----------------------------------------------------------------------------------
+def _model_class(arch: str):
+    import transformers
+
+    return {
+        "llava": transformers.LlavaForConditionalGeneration,
+        "llava_next": transformers.LlavaNextForConditionalGeneration,
+        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    }[arch]
+
+
+def _text_config(config):
+    return getattr(config, "text_config", None) or config
+
+
+def load_model(model_cfg: Mapping[str, Any] | ModelSettings, name: str | None = None) -> LoadedModel:
+    """Build or load the model a conf describes (see the module docstring).
+
+    Args:
+        model_cfg: a model conf mapping (validated here) or :class:`ModelSettings`.
+        name: display name when the conf has none (the CLI passes the conf's file name).
+
+    Returns:
+        a :class:`LoadedModel` in eval mode.
+    """
+    settings = model_cfg if isinstance(model_cfg, ModelSettings) else _validate(model_cfg)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    attn = resolve_attn_implementation(settings.attn_implementation, device)
+    display = settings.name or name or settings.arch
+    if settings.kind == "tiny":
+        model, processor = _load_tiny(settings, attn, dtype)
+        model = model.to(device)
+    elif settings.kind == "config":
+        model, processor = _load_config(settings, attn, dtype, device), None
+    else:
+        model, processor = _load_pretrained(settings, attn, dtype, device)
+    model.eval()
+    return LoadedModel(model, processor, settings.arch, display, settings, device, dtype, attn)
+
+
+def _validate(model_cfg: Mapping[str, Any]) -> ModelSettings:
+    from pydantic import ValidationError
+
+    try:
+        return ModelSettings.model_validate(dict(model_cfg))
+    except ValidationError as exc:
+        raise TokenReduceError(format_settings_error(exc, "model", ModelSettings)) from None
+
+
+def _load_tiny(settings: ModelSettings, attn: str, dtype: torch.dtype):
+    from tokenreduce.testing.tiny import build_tiny, make_processor
+
+    kw: dict[str, Any] = {}
+    if settings.text_layers is not None:
+        kw["text_layers"] = settings.text_layers
+    proc_kw: dict[str, Any] = {}
+    if settings.arch == "llava":
+        for key in ("image_size", "patch"):
+            if getattr(settings, key) is not None:
+                kw[key] = proc_kw[key] = getattr(settings, key)
+    elif settings.image_size is not None or settings.patch is not None:
+        raise TokenReduceError(f"model.image_size/model.patch apply to the tiny LLaVA only, not arch {settings.arch!r}")
+    model = build_tiny(settings.arch, attn_implementation=attn, dtype=dtype, seed=settings.seed, **kw)
+    return model, make_processor(settings.arch, **proc_kw)
+
+
+def _load_config(settings: ModelSettings, attn: str, dtype: torch.dtype, device: torch.device):
+    try:
+        from tokenreduce.measure.configs import hf_config
+    except ImportError as exc:  # pragma: no cover - the module ships with the package
+        raise TokenReduceError(f"model kind 'config' needs tokenreduce.measure.configs ({exc})") from None
+    config = hf_config(settings.model_dump())
+    if config.model_type != settings.arch:
+        raise TokenReduceError(f"model.hf_config has model_type {config.model_type!r} but model.arch is {settings.arch!r}")
+    cls = _model_class(settings.arch)
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(settings.seed)
+        with torch.device(device):
+            model = cls._from_config(config, attn_implementation=attn, dtype=dtype)
+    return model
+
+
+def _load_pretrained(settings: ModelSettings, attn: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoProcessor
+
+    folder = resolve_path(settings.path)
+    cls = _model_class(settings.arch)
+    if settings.text_layers is not None:
+        raise TokenReduceError("model.text_layers cannot shorten a pretrained model; use kind config for fewer layers")
+    model = cls.from_pretrained(folder, dtype=dtype, attn_implementation=attn, local_files_only=True)
+    if model.config.model_type != settings.arch:
+        raise TokenReduceError(f"{folder}: model_type {model.config.model_type!r} does not match model.arch={settings.arch!r}")
+    model = model.to(device)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - the Qwen video processor needs torchvision (no CPU wheel)
+        if settings.arch != "qwen2_5_vl":
+            raise TokenReduceError(f"{folder}: could not load the processor: {exc}") from None
+        from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
+
+        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(folder, local_files_only=True)
+    return model, processor
+
+
+# -- synthetic inputs -------------------------------------------------------------------------
+def _special_ids(config) -> set[int]:
+    ids = set()
+    for cfg in (config, _text_config(config)):
+        for attr in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
+                     "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(cfg, attr, None)
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+    return ids
+
+
+def _text_ids(config, n: int, generator: torch.Generator) -> Tensor:
+    """``[n]`` random ordinary token ids: below every special id at the end of the vocabulary and
+    above the first ten (control tokens sit at the ends in all three architectures)."""
+    vocab = int(_text_config(config).vocab_size)
+    specials = _special_ids(config)
+    high = min([vocab] + [i for i in specials if i >= 10])
+    low = min(10, max(0, high - 1))
+    ids = torch.randint(low, high, (n,), generator=generator)
+    for s in specials:  # in case a special id sits inside the range
+        ids[ids == s] = low if low != s else low + 1
+    return ids
+
+
+def _image_token_id(config) -> int:
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    raise TokenReduceError(f"{config.model_type} config has no image_token_id")
+
+
+def _llava_next_pinpoint(config, n_visual: int | None) -> tuple[tuple[int, int], int]:
+    """The anyres pinpoint (height, width) whose image gives the visual-token count closest to
+    ``n_visual`` (the largest when ``None``), and that count: base grid + full high-resolution grid
+    + one newline token per grid row (an image exactly at a pinpoint needs no unpadding)."""
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+    base = side * side
+    options = []
+    for h, w in config.image_grid_pinpoints:
+        rows = (h // config.vision_config.image_size) * side
+        cols = (w // config.vision_config.image_size) * side
+        options.append(((int(h), int(w)), base + rows * cols + rows))
+    if n_visual is None:
+        return max(options, key=lambda o: (o[1], o[0]))
+    return min(options, key=lambda o: (abs(o[1] - n_visual), -o[1]))
+
+
+def synthetic_inputs(config, arch: str, batch_size: int, n_visual: int | None, n_text: int, seed: int = 0) -> dict[str, Tensor]:
+    """Random inputs of the right shapes for a VLM config: what a processor would produce for one
+    image and ``n_text`` text tokens per sample, with random pixels and random ordinary text ids.
+
+    Layout of each sample: ``[bos] + 5 text tokens + image tokens + the remaining text tokens``
+    (Qwen2.5-VL: the image run is framed by its vision start/end tokens, counted as text).  No
+    padding: every sample has the same length.
+
+    Visual tokens per architecture (``n_visual`` is a wish the architecture may not allow):
+
+    * ``llava``: always ``config.image_seq_length`` (one fixed-size image); ``n_visual`` is ignored.
+    * ``llava_next``: the image size is the anyres pinpoint whose token count is closest to
+      ``n_visual`` (default: the largest pinpoint; LLaVA-NeXT-7B 672x672 gives 2928 tokens).
+    * ``qwen2_5_vl``: a square image of ``round(sqrt(n_visual))`` merged tokens per side
+      (default 36: 1008x1008 pixels, 1296 tokens, the paper's setting).
+
+    Returns:
+        ``input_ids`` ``[B, S]`` long, ``attention_mask`` ``[B, S]`` long (all ones),
+        ``pixel_values`` (llava ``[B, 3, H, W]``; llava_next ``[B, 1 + crops, 3, H, W]`` plus
+        ``image_sizes`` ``[B, 2]``; qwen2_5_vl ``[B * patches, 3 * 2 * 14 * 14]`` plus
+        ``image_grid_thw`` ``[B, 3]``), float32 on the CPU.
+    """
+    if arch not in ARCHS:
+        raise TokenReduceError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    if batch_size < 1 or n_text < 1:
+        raise ValueError(f"batch_size and n_text must be >= 1; got {batch_size}, {n_text}")
+    g = torch.Generator().manual_seed(seed)
+    extra: dict[str, Tensor] = {}
+    vc = config.vision_config
+    if arch == "llava":
+        n_vis = int(getattr(config, "image_seq_length", 0) or (vc.image_size // vc.patch_size) ** 2)
+        pixel_values = torch.randn(batch_size, 3, vc.image_size, vc.image_size, generator=g)
+        before, after = [], []
+    elif arch == "llava_next":
+        (h, w), n_vis = _llava_next_pinpoint(config, n_visual)
+        crops = (h // vc.image_size) * (w // vc.image_size)
+        pixel_values = torch.randn(batch_size, 1 + crops, 3, vc.image_size, vc.image_size, generator=g)
+        extra["image_sizes"] = torch.tensor([[h, w]] * batch_size)
+        before, after = [], []
+    else:
+        merge = int(vc.spatial_merge_size)
+        side = max(1, round((n_visual or 1296) ** 0.5))
+        patches = side * merge
+        n_vis = side * side
+        depth = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
+        pixel_values = torch.randn(batch_size * patches * patches, depth, generator=g)
+        extra["image_grid_thw"] = torch.tensor([[1, patches, patches]] * batch_size)
+        before, after = [int(config.vision_start_token_id)], [int(config.vision_end_token_id)]
+    bos = _text_config(config).bos_token_id if arch != "qwen2_5_vl" else None
+    head = [int(bos)] if isinstance(bos, int) else []
+    n_free = n_text - len(head) - len(before) - len(after)
+    if n_free < 1:
+        raise ValueError(f"n_text={n_text} is too small for the {arch} layout (needs at least {n_text - n_free + 1})")
+    n_pre = min(5, n_free // 2)
+    image = _image_token_id(config)
+    rows = []
+    for _ in range(batch_size):
+        text = _text_ids(config, n_free, g).tolist()
+        rows.append(head + text[:n_pre] + before + [image] * n_vis + after + text[n_pre:])
+    input_ids = torch.tensor(rows, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values, **extra}
