@@ -12,34 +12,19 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 import tokenreduce
+from llava576 import DEPTH, N_VISUAL, PROMPTS, llava, llava_inputs
 from registry_helpers import registry_with
 from tokenreduce.cli import main
 from tokenreduce.core.errors import PlanError
 from tokenreduce.core.presets import load_preset
 from tokenreduce.core.types import Need, Selection
 from tokenreduce.strategies.visionzip import VisionZipSelector
-from tokenreduce.testing.tiny import build_tiny, make_inputs, make_processor
+from tokenreduce.testing.tiny import build_tiny, make_inputs
 
-PROMPTS = ["USER: <image> what color is the shape? ASSISTANT:", "<image> what shape?"]
-N_VISUAL, DEPTH, STEPS = 576, 32, 3
+STEPS = 3
+_CACHE: dict = {}  # this module's runs, shared by several tests
 METHODS = ("visionzip", "scope", "holov", "pio_ve")
 PRESETS = [f"{m}_{b}" for m in METHODS for b in (192, 128, 64)] + ["visionzip_pio"]
-_CACHE: dict = {}
-
-
-def llava(attn: str = "sdpa"):
-    """Tiny LLaVA with LLaVA-1.5-7B's budget geometry: 576 visual tokens, 32 decoder layers."""
-    if ("llava", attn) not in _CACHE:
-        _CACHE["llava", attn] = build_tiny("llava", attn_implementation=attn, image_size=336, patch=14, text_layers=DEPTH)
-    return _CACHE["llava", attn]
-
-
-def llava_inputs(prompts, seed=0):
-    if "proc" not in _CACHE:
-        _CACHE["proc"] = make_processor("llava", image_size=336, patch=14)
-    return make_inputs("llava", prompts, seed=seed, processor=_CACHE["proc"])
-
-
 def tiny_plan(name: str) -> dict:
     """The preset, with pio_ve's local scan moved to CLIP layer 0 (the tiny tower has 2 layers;
     the preset's layer 5 would be refused as out of range)."""

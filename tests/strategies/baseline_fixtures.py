@@ -10,21 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import pytest
 import torch
 
 from tokenreduce.core.types import Need, TokenView
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are far too small for intra-op threads to pay off; on a busy machine two threads
-    spin against each other (measured: 5 s vs 0.3 s per tiny-LLaVA ``generate``).  A test module
-    that imports this fixture runs single-threaded; the thread count is restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @dataclass

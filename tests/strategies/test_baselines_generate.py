@@ -15,34 +15,18 @@ import pytest
 import torch
 
 import tokenreduce
+from llava576 import DEPTH, N_VISUAL, PROMPTS, llava, llava_inputs
 from registry_helpers import registry_with
-from strategies.baseline_fixtures import one_thread  # noqa: F401  (autouse: single-threaded module)
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset
 from tokenreduce.core.types import Selection
 from tokenreduce.strategies.sparsevlm import SparseVLMSelector
-from tokenreduce.testing.tiny import build_tiny, make_inputs, make_processor
+from tokenreduce.testing.tiny import build_tiny, make_inputs
 
 METHODS = ("pdrop", "sparsevlm", "dart", "divprune")
 PRESETS = [f"{m}_{b}" for m in METHODS for b in (64, 128, 192)]
-PROMPTS = ["USER: <image> what color is the shape? ASSISTANT:", "<image> what shape?"]
 STEPS = 3
-N_VISUAL, DEPTH = 576, 32
-_CACHE: dict = {}
-
-
-def llava(attn: str = "sdpa"):
-    if ("llava", attn) not in _CACHE:
-        _CACHE["llava", attn] = build_tiny("llava", attn_implementation=attn, image_size=336, patch=14, text_layers=DEPTH)
-    return _CACHE["llava", attn]
-
-
-def llava_inputs(prompts, seed=0):
-    if "proc" not in _CACHE:
-        _CACHE["proc"] = make_processor("llava", image_size=336, patch=14)
-    return make_inputs("llava", prompts, seed=seed, processor=_CACHE["proc"])
-
-
+_CACHE: dict = {}  # this module's runs, shared by several tests
 def generate(model, inputs, plan, registry=None):
     with tokenreduce.apply(model, plan, registry=registry) as att:
         out = model.generate(

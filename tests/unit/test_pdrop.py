@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 import tokenreduce
 from registry_helpers import registry_with
-from strategies.baseline_fixtures import Layout, make_view, one_thread, sample_slots, split_view  # noqa: F401 (one_thread is autouse)
+from strategies.baseline_fixtures import Layout, make_view, sample_slots, split_view
 from tokenreduce.core.errors import PlanError
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset

@@ -9,7 +9,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from strategies.baseline_fixtures import Layout, make_view, one_thread, sample_slots, split_view  # noqa: F401 (one_thread is autouse)
+from strategies.baseline_fixtures import Layout, make_view, sample_slots, split_view
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset
 from tokenreduce.core.types import Need, TokenView
