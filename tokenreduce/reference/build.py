@@ -29,8 +29,9 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
 )
+
+from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
 
 from tokenreduce.reference import data
 
@@ -213,19 +214,6 @@ def build_model(settings: ArchSettings, seed: int = 0, attn_implementation: str 
     model.generation_config.eos_token_id = data.EOS_TOKEN_ID
     model.generation_config.do_sample = False
     return model.train()
-
-
-class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
-    """``Qwen2_5_VLProcessor`` without a video processor (the video processor needs torchvision).
-
-    transformers 5.x derives a processor's sub-processors from its ``__init__`` signature; leaving
-    ``video_processor`` out of it makes ``save_pretrained`` / ``from_pretrained`` handle only the
-    image processor and the tokenizer. Load a saved one with
-    ``ImageOnlyQwen2_5_VLProcessor.from_pretrained(path)``.
-    """
-
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
-        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
 
 def make_processor(settings: ArchSettings, tokenizer: PreTrainedTokenizerFast | None = None) -> ProcessorMixin:
