@@ -60,27 +60,20 @@ __all__ = [
 
 SPLITS = ("train", "test")
 
-#: Special tokens in id order. LLaVA marks the image with ``<image>``; Qwen2.5-VL with
-#: ``<|vision_start|><|image_pad|><|vision_end|>`` (``<|video_pad|>`` is declared for its config only).
-SPECIAL_TOKENS = (
-    "<unk>",
-    "<pad>",
-    "<s>",
-    "</s>",
-    "<image>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
+# The project's local tokenizers share one special-token layout (ids 0-8): the tiny test models'
+# tokenizer defines it; the reference tokenizer uses the same ids.  LLaVA marks the image with
+# ``<image>``; Qwen2.5-VL with ``<|vision_start|><|image_pad|><|vision_end|>``.
+from tokenreduce.testing.tiny import (  # noqa: E402
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    IMAGE_PAD_TOKEN_ID,
+    IMAGE_TOKEN_ID,
+    PAD_TOKEN_ID,
+    SPECIAL_TOKENS,
+    VIDEO_PAD_TOKEN_ID,
+    VISION_END_TOKEN_ID,
+    VISION_START_TOKEN_ID,
 )
-PAD_TOKEN_ID = 1
-BOS_TOKEN_ID = 2
-EOS_TOKEN_ID = 3
-IMAGE_TOKEN_ID = 4
-VISION_START_TOKEN_ID = 5
-VISION_END_TOKEN_ID = 6
-IMAGE_PAD_TOKEN_ID = 7
-VIDEO_PAD_TOKEN_ID = 8
 
 #: The image placeholder of a prompt, per architecture (the processor expands it to the visual tokens).
 IMAGE_PLACEHOLDER = {
