@@ -142,8 +142,9 @@ REGISTRY = registry_with("dart", selectors={"rec_dart": RecordingDART})
 PROMPTS = ["USER: <image> what color is the shape? ASSISTANT:", "<image> what shape is it?"]
 
 
+@pytest.mark.parametrize("layer, offset", [(2, -1), (2, 0), (0, 0)], ids=["K2", "K2-offset0", "K0-offset0"])
 @pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
-def test_generate_selection_equals_reference_from_the_models_modules(kv_heads):
+def test_generate_selection_equals_reference_from_the_models_modules(kv_heads, layer, offset):
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     model = build_tiny("llava", num_key_value_heads=kv_heads)
@@ -154,27 +155,28 @@ def test_generate_selection_equals_reference_from_the_models_modules(kv_heads):
         if (args[0] if args else kwargs["hidden_states"]).shape[1] > 1:
             captured[module] = (args[0] if args else kwargs["hidden_states"], kwargs["position_embeddings"])
 
-    handles = [decoder.layers[i].register_forward_pre_hook(grab, with_kwargs=True) for i in (1, 2)]
+    handles = [decoder.layers[i].register_forward_pre_hook(grab, with_kwargs=True) for i in (0, 1, 2)]
     inputs = make_inputs("llava", PROMPTS)
     RECORDS.clear()
     try:
-        with tokenreduce.apply(model, {"stages": [{"layer": 2, "keep": 7, "selector": "rec_dart"}]}, registry=REGISTRY) as att:
+        selector = {"name": "rec_dart", "layer_offset": offset}
+        with tokenreduce.apply(model, {"stages": [{"layer": layer, "keep": 7, "selector": selector}]}, registry=REGISTRY) as att:
             model.generate(**inputs, max_new_tokens=2, do_sample=False)
     finally:
         for h in handles:
             h.remove()
     rec = RECORDS[0]
     view = rec["view"]
-    layer1 = decoder.layers[1]
-    h1, (cos, sin) = captured[layer1]
-    attn = layer1.self_attn
+    key_layer = decoder.layers[layer + offset]  # the layer whose keys pick the pivots
+    h1, (cos, sin) = captured[key_layer]
+    attn = key_layer.self_attn
     with torch.no_grad():
-        x = layer1.input_layernorm(h1)
+        x = key_layer.input_layernorm(h1)
         q = attn.q_proj(x).view(*x.shape[:2], -1, attn.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(*x.shape[:2], -1, attn.head_dim).transpose(1, 2)
         _, keys = apply_rotary_pos_emb(q, k, cos, sin)  # [B, H_kv, S, hd]
-        normed = decoder.norm(captured[decoder.layers[2]][0]).float()
+        normed = decoder.norm(captured[decoder.layers[layer]][0]).float()
     assert keys.shape[1] == kv_heads
-    torch.testing.assert_close(view.signals.key_states(-1), keys, atol=1e-5, rtol=0)
+    torch.testing.assert_close(view.signals.key_states(offset), keys, atol=1e-5, rtol=0)
     assert rec["kept"] == reference_for_view(view, keys, normed, rec["keep"])
     assert att.trace.stages[0].visual_after == [7, 7]

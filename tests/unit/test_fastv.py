@@ -38,8 +38,9 @@ def tiny(attn="sdpa", kv_heads=4):
     return _MODELS[attn, kv_heads]
 
 
-def fastv_plan(layer=2, keep=None):
-    return {"stages": [{"layer": layer, "keep": keep or {"ratio": 0.5}, "scorer": "rec_fastv", "selector": "topk"}]}
+def fastv_plan(layer=2, keep=None, layer_offset=None):
+    scorer = "rec_fastv" if layer_offset is None else {"name": "rec_fastv", "layer_offset": layer_offset}
+    return {"stages": [{"layer": layer, "keep": keep or {"ratio": 0.5}, "scorer": scorer, "selector": "topk"}]}
 
 
 def run(model, plan, prompts):
@@ -79,6 +80,17 @@ def test_attention_rows_equal_eager_weights(prompts, layer, kv_heads):
     keep = torch.full((len(prompts),), 8)
     kept = [view.visual_index[b][m].tolist() for b, m in enumerate(topk_mask(expected, view.visual_valid, keep))]
     assert att.trace.stages[0].kept == kept
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_layer_offset_0_ranks_by_the_cut_layers_own_attention(layer):
+    """The extension for shallow models: the cut layer's attention on its input, also at layer 0."""
+    att, rec, _ = run(tiny("sdpa"), fastv_plan(layer, layer_offset=0), PROMPTS)
+    view, scores = rec[0]["view"], rec[0]["scores"]
+    eager = eager_last_row(PROMPTS, layer)  # layer K itself, from output_attentions
+    expected = eager.mean(1).gather(1, view.visual_index)
+    torch.testing.assert_close(scores, expected, rtol=0, atol=1e-5)
+    assert att.trace.stages[0].layer == layer and att.trace.stages[0].visual_after == [8, 8]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

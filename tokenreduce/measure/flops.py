@@ -65,7 +65,8 @@ neither its scorer nor its selector).  Scorers (``scorer_flops_true`` / ``scorer
     ``backward_gamma``: "backward = 2x forward"), whatever the probe mode.  Forward only
     (``probe_backward_factor=0``) gives 0.442 T for ``pio_64`` on LLaVA-1.5, the README's "0.45".
 
-* ``fastv`` / ``pdrop`` (one attention row recomputed at layer K-1 / K,
+* ``fastv`` / ``pdrop`` (one attention row recomputed at layer K-1 / K, or at the layer their
+  ``layer_offset`` names,
   ``SignalSource.attention_rows``): true = keys of the ``S`` tokens that layer reads
   (``2*S*d*kv``), the last token's query (``2*d*q``) and its scores (``2*S*q``); paper =
   ``N*d^2 + N*d`` (keys of the ``N`` visual tokens and one query row's scores against them,
@@ -73,7 +74,7 @@ neither its scorer nor its selector).  Scorers (``scorer_flops_true`` / ``scorer
 * ``norm``: element-wise only, 0.
 
 Selectors (``selector_flops_true`` / ``selector_flops_paper``): ``topk``, ``random``,
-``uniform``: 0; ``dart``: the keys of layer K-1 (``2*S*d*kv``; its cosine similarities are
+``uniform``: 0; ``dart``: the keys of layer K-1 (K with ``layer_offset=0``; ``2*S*d*kv``; its cosine similarities are
 element-wise and not counted, as ``FlopCounterMode`` does not count them); ``divprune``: the
 ``N x N`` similarity product ``2*N^2*d``.  Data-dependent work is not counted and is listed in
 ``Accounting.uncounted`` with the reason: ``nms`` (the similarities of the candidates it
@@ -409,11 +410,12 @@ def _attention_row_cost(default_offset: int) -> ComponentCost:
 
 
 def _dart_cost(c: StageCostInput) -> tuple[int, float, str]:
-    s, nv = _tokens_at(c, -1)
+    offset = int(getattr(c.settings, "layer_offset", -1))
+    s, nv = _tokens_at(c, offset)
     d = c.dims.hidden
     true = 2 * s * d * c.dims.kv_width
     return true, float(nv * d * d), (
-        f"dart: keys of the S={s} tokens of layer {c.layer - 1} (cosine similarities: element-wise, not counted)"
+        f"dart: keys of the S={s} tokens of layer {c.layer + offset} (cosine similarities: element-wise, not counted)"
     )
 
 

@@ -42,11 +42,16 @@ Deviations from the official code:
   the last visual candidate (official: everything after a fixed-length image span);
 * with fewer text tokens than ``pivot_text`` all of them are pivots; with ``keep < pivot_image``
   the ``keep`` strongest image pivots are kept and nothing is claimed.
+
+Extension (not in the paper): ``layer_offset=0`` takes the pivots' key states from the cut layer
+K itself (its projections on its input) instead of layer K-1, which allows a cut at layer 0 (the
+reference models' 4-layer decoders need one for layer-average budgets below 25%;
+``conf/plan/ref_dart_*.yaml``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +108,11 @@ class DARTSelector:
 
         pivot_image: int = Field(4, ge=1, description="image pivots: visual tokens with the largest key L1 norm")
         pivot_text: int = Field(4, ge=0, description="text pivots: text tokens after the image with the largest key L1 norm")
+        layer_offset: Literal[-1, 0] = Field(
+            -1,
+            description="-1: key states of layer K-1 (the paper); 0: of the cut layer K on its input "
+            "(an extension that allows a cut at layer 0)",
+        )
 
     needs: ClassVar[Need] = Need.HIDDEN | Need.KEY_STATES
     needs_scores: ClassVar[bool] = False
@@ -111,17 +121,18 @@ class DARTSelector:
         self.settings = settings
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
-        if layer < 1:
+        if self.settings.layer_offset == -1 and layer < 1:
             return (
                 "DART picks pivots by the key states of the layer before the cut (layer K-1), so it needs "
-                "a cut at layer >= 1 (the paper's default is layer 2); got layer 0"
+                "a cut at layer >= 1 (the paper's default is layer 2); got layer 0 "
+                "(layer_offset=0 takes the cut layer's own keys and allows layer 0)"
             )
         return None
 
     @torch.no_grad()
     def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:
         """Exactly ``keep[b]`` (clamped to ``[0, n_visual[b]]``) ascending candidate indices per sample."""
-        keys = view.signals.key_states(layer_offset=-1)  # [B, H_kv, S, hd]
+        keys = view.signals.key_states(layer_offset=self.settings.layer_offset)  # [B, H_kv, S, hd]
         key_norm = keys.float().abs().sum(dim=(1, 3))  # [B, S] L1 over heads and dims
         feats = view.signals.final_norm(view.hidden).float()  # [B, S, d]
         text_slots, text_valid = text_after_visual(view)

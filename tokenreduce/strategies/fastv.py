@@ -23,16 +23,22 @@ Deviations from the official code:
 * the visual span is found from the input ids, not from fixed ``SYS_LENGTH`` /
   ``IMAGE_TOKEN_LENGTH`` constants;
 * ties are broken deterministically by the selector (official: ``torch.topk``, unspecified);
-* K = 0 is refused at plan build (official attention-mask variant: silently switches to a random
-  selection; in-place variant: an assert).
+* K = 0 with the default ``layer_offset=-1`` is refused at plan build (official attention-mask
+  variant: silently switches to a random selection; in-place variant: an assert).
+
+Extension (not in the paper): ``layer_offset=0`` ranks by the cut layer K's own attention
+recomputed from its projections on its input (the signal PDrop uses).  It is what makes a cut
+at layer 0 possible, which the reference models' 4-layer decoders need for layer-average budgets
+below 25% (``conf/plan/ref_fastv_*.yaml``, ``docs/results.md``).  At layer 0 the query is the last
+prompt token's *embedding*, which has seen no other token yet.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from tokenreduce.core.types import Need, TokenView
@@ -50,23 +56,30 @@ class FastVScorer:
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")
 
+        layer_offset: Literal[-1, 0] = Field(
+            -1,
+            description="-1: layer K-1's attention (the paper); 0: the cut layer K's own attention on its "
+            "input (an extension that allows a cut at layer 0)",
+        )
+
     needs: ClassVar[Need] = Need.ATTENTION_ROWS
 
     def __init__(self, settings: Settings):
         self.settings = settings
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
-        if layer < 1:
+        if self.settings.layer_offset == -1 and layer < 1:
             return (
                 "FastV ranks visual tokens by the attention they receive in the layer before the cut "
-                "(layer K-1), so it needs a cut at layer >= 1 (the paper's default is layer 2); got layer 0"
+                "(layer K-1), so it needs a cut at layer >= 1 (the paper's default is layer 2); got layer 0 "
+                "(layer_offset=0 ranks by the cut layer's own attention and allows layer 0)"
             )
         return None
 
     def score(self, view: TokenView) -> Tensor:
         """``[B, N]`` float32: mean over heads of the last query's attention to each candidate."""
         query = last_valid_slot(view.valid).unsqueeze(1)  # [B, 1]
-        probs = view.signals.attention_rows(query, layer_offset=-1)  # [B, H, 1, S] float32
+        probs = view.signals.attention_rows(query, layer_offset=self.settings.layer_offset)  # [B, H, 1, S] float32
         received = probs.mean(dim=1)[:, 0]  # [B, S]
         scores = received.gather(1, view.visual_index)  # [B, N]
         return scores.float().masked_fill(~view.visual_valid, 0.0)
