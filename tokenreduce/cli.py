@@ -91,12 +91,23 @@ class Prompts(_Section):
     qwen2_5_vl: str
 
 
+class SuiteSettings(_Section):
+    """``suite`` (``conf/suite/<name>.yaml``): the plans ``eval`` compares by default."""
+
+    description: str = ""
+    plans: list[str] = Field(default_factory=list, description="plan presets, in order")
+    skip_inapplicable: bool = Field(
+        default=True, description="skip (with a note) a plan the model cannot run, e.g. CLS attention on Qwen2.5-VL"
+    )
+
+
 class CLIConfig(_Section):
     """The whole composed config (``plan`` is validated separately as a Plan)."""
 
     plan: dict[str, Any]
     model: ModelSettings
     task: TaskSettings
+    suite: SuiteSettings = SuiteSettings()
     plans: list[str] | None = None
     out_dir: str | None = None
     prompts: Prompts
@@ -121,6 +132,10 @@ class Context:
     @property
     def plan_modified(self) -> bool:
         return any(o.lstrip("+~").startswith("plan.") for o in self.overrides)
+
+    def overridden(self, group: str) -> bool:
+        """Whether the command line chose ``group=...`` or changed ``group.<key>``."""
+        return any(o.lstrip("+~").startswith((f"{group}=", f"{group}.")) for o in self.overrides)
 
     @property
     def plan_name(self) -> str:
@@ -166,12 +181,15 @@ def setup(command: str, overrides: Sequence[str]) -> Context:
     return Context(command, cfg, raw, choices, list(overrides))
 
 
-def resolve_plans(ctx: Context, default_to_plan: bool = True) -> dict[str, Any]:
-    """Display name -> validated :class:`~tokenreduce.core.plan.Plan` for ``plans`` (or ``[plan]``)."""
+def resolve_plans(ctx: Context, default_to_plan: bool = True, entries: Sequence[str] | None = None,
+                  field: str = "plans") -> dict[str, Any]:
+    """Display name -> validated :class:`~tokenreduce.core.plan.Plan` for ``entries`` (default:
+    ``plans``, or ``[plan]`` when that is null)."""
     from tokenreduce.core.plan import parse_plan
     from tokenreduce.core.presets import load_preset, preset_names
 
-    entries = ctx.cfg.plans if ctx.cfg.plans is not None else ([PLAN_ENTRY] if default_to_plan else [])
+    if entries is None:
+        entries = ctx.cfg.plans if ctx.cfg.plans is not None else ([PLAN_ENTRY] if default_to_plan else [])
     known = preset_names("plan")
     plans: dict[str, Any] = {}
     for i, entry in enumerate(entries):
@@ -185,11 +203,11 @@ def resolve_plans(ctx: Context, default_to_plan: bool = True) -> dict[str, Any]:
             name, plan = entry, load_preset(entry)
         else:
             raise TokenReduceError(
-                f"plans.{i}={entry!r}: unknown plan preset; known presets: {', '.join(known)} "
+                f"{field}.{i}={entry!r}: unknown plan preset; known presets: {', '.join(known)} "
                 f"(or {PLAN_ENTRY!r} for the composed plan with its plan.* overrides)"
             )
         if name in plans or name == "vanilla":
-            raise TokenReduceError(f"plans.{i}={entry!r}: the name {name!r} is used twice (or is reserved); list each plan once")
+            raise TokenReduceError(f"{field}.{i}={entry!r}: the name {name!r} is used twice (or is reserved); list each plan once")
         plans[name] = plan
     return plans
 
@@ -391,6 +409,8 @@ def cmd_demo(overrides: Sequence[str]) -> int:
     import tokenreduce
     from tokenreduce.testing.tiny import build_tiny, make_inputs, make_processor
 
+    if not any(o.lstrip("+~").startswith("model=") for o in overrides):
+        overrides = ["model=tiny_llava", *overrides]  # the demo's own default model
     ctx = setup("demo", overrides)
     if ctx.cfg.plans is not None:
         raise TokenReduceError("demo runs one plan: use plan=<preset> (plans=[...] is for bench/eval/flops/viz)")
@@ -504,21 +524,49 @@ def _account(loaded, plan, trace) -> dict[str, Any] | None:
         return None
 
 
+def _suite_plans(ctx: Context, model) -> tuple[dict[str, Any], list[str]]:
+    """The suite's plans that ``model`` can run, and a note for each one skipped."""
+    import tokenreduce
+
+    suite = ctx.cfg.suite
+    plans = resolve_plans(ctx, entries=suite.plans, field="suite.plans")
+    if not suite.skip_inapplicable:
+        return plans, []
+    usable, notes = {}, []
+    for name, plan in plans.items():
+        try:
+            tokenreduce.compile_for(model, plan)
+        except TokenReduceError as exc:
+            notes.append(f"skipped {name} (suite.skip_inapplicable): {str(exc).splitlines()[0]}")
+        else:
+            usable[name] = plan
+    return usable, notes
+
+
 def cmd_eval(overrides: Sequence[str]) -> int:
+    """``eval``: vanilla, then ``plans`` (or ``[plan]`` when a plan is chosen, else the suite)."""
     from tokenreduce.measure.tasks import evaluate, load_task
 
     ctx = setup("eval", overrides)
-    plans = resolve_plans(ctx)
+    use_suite = ctx.cfg.plans is None and not ctx.overridden("plan")
+    plans = {} if use_suite else resolve_plans(ctx)
     loaded = _load(ctx)
     if loaded.processor is None:
         raise TokenReduceError(f"eval needs a model with a processor (kind tiny or pretrained); model {ctx.model_name!r} is kind {loaded.kind!r}")
+    skipped: list[str] = []
+    if use_suite:
+        plans, skipped = _suite_plans(ctx, loaded.model)
     examples = load_task(ctx.cfg.task)
     task_info = ctx.cfg.task.model_dump(mode="json")
-    result = evaluate(loaded, examples, plans, ctx.cfg.eval, template=ctx.template(),
-                      question_format=ctx.cfg.task.question_format, task_info=task_info)
+    if use_suite:
+        task_info["suite"] = ctx.choices.get("suite")
     info = loaded.describe()
     print(f"{ctx.cfg.task.name} ({ctx.cfg.task.split}, {len(examples)} questions, seed {ctx.cfg.task.seed}) on "
-          f"{info['name']} ({info['decoder_layers']} layers, {info['dtype']}, {info['weights']} weights)")
+          f"{info['name']} ({info['decoder_layers']} layers, {info['dtype']}, {info['weights']} weights): vanilla + "
+          f"{len(plans)} plan(s)" + (f" of suite {ctx.choices.get('suite')!r}" if use_suite else ""), flush=True)
+    result = evaluate(loaded, examples, plans, ctx.cfg.eval, template=ctx.template(),
+                      question_format=ctx.cfg.task.question_format, task_info=task_info)
+    result.notes[:0] = skipped
     print(result.table())
     for note in result.notes:
         print(f"note: {note}")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from tokenreduce.cli import main
 
-TINY = ["model.text_layers=4", "model.image_size=56"]
+TINY = ["model=tiny_llava", "model.text_layers=4", "model.image_size=56"]
 
 
 def _outputs(folder):

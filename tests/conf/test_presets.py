@@ -71,7 +71,8 @@ def test_demo_preset_matches_its_yaml():
 def test_compose_default_config():
     cfg = compose()
     assert isinstance(cfg, dict) and isinstance(cfg["plan"], dict)  # plain containers
-    assert cfg["model"]["kind"] == "tiny"
+    assert cfg["model"]["kind"] == "pretrained" and cfg["model"]["name"] == "easyvqa-llava"  # the shipped reference
+    assert cfg["suite"]["plans"] and cfg["task"]["n"] == 1000  # the main job: eval's default suite and subset
     assert Plan.model_validate(cfg["plan"]).stages[0].selector.name == "uniform"  # plan: demo
 
 

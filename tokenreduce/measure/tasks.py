@@ -59,6 +59,11 @@ class EvalSettings(BaseModel):
     progress: bool = Field(default=True, description="show a progress bar on stderr")
     warmup: bool = Field(default=True, description="one untimed generate() of the first batch before timing")
     keep_answers: bool = Field(default=True, description="write every answer of every plan into results.json")
+    cache_inputs_mib: int = Field(
+        default=1024, ge=0,
+        description="keep the processed inputs of the batches (images decoded and preprocessed once for all "
+        "configurations) up to this many MiB; 0: preprocess again for every configuration",
+    )
 
 
 @dataclass
@@ -223,10 +228,41 @@ class _Accountant:
         return self.cache[key]
 
 
-def _generate(loaded, examples: list[Example], compiled, name: str, settings: EvalSettings, template: str,
-              question_format: str, accountant: _Accountant, bar) -> PlanOutputs:
-    from .latency import count_tokens
+class _Batches:
+    """The evaluation batches' processed inputs and token counts, computed once and shared by
+    every configuration (up to ``cache_inputs_mib``; batches beyond it are processed again each
+    time).  Preprocessing is not part of any configuration's time."""
 
+    def __init__(self, loaded, examples: list[Example], settings: EvalSettings, template: str, question_format: str):
+        self.loaded, self.settings = loaded, settings
+        self.template, self.question_format = template, question_format
+        self.starts = list(range(0, len(examples), settings.batch_size))
+        self.examples = examples
+        self.cache: dict[int, tuple[dict, list[int], list[int]]] = {}
+        self.cached_bytes = 0
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def get(self, i: int) -> tuple[list[Example], dict, list[int], list[int]]:
+        from .latency import count_tokens
+
+        start = self.starts[i]
+        batch = self.examples[start : start + self.settings.batch_size]
+        if i in self.cache:
+            return (batch, *self.cache[i])
+        prompts = [format_prompt(self.template, ex.question, self.question_format) for ex in batch]
+        inputs = self.loaded.processor_inputs(prompts, [ex.image() for ex in batch])
+        n_vis, n_txt = count_tokens(self.loaded.model, inputs)
+        size = sum(v.numel() * v.element_size() for v in inputs.values() if isinstance(v, torch.Tensor))
+        if self.cached_bytes + size <= self.settings.cache_inputs_mib * 2**20:
+            self.cache[i] = (inputs, n_vis, n_txt)
+            self.cached_bytes += size
+        return batch, inputs, n_vis, n_txt
+
+
+def _generate(loaded, batches: _Batches, compiled, name: str, settings: EvalSettings,
+              accountant: _Accountant, bar) -> PlanOutputs:
     model = loaded.model
     gen_cfg = model.generation_config
     eos = gen_cfg.eos_token_id
@@ -234,11 +270,8 @@ def _generate(loaded, examples: list[Example], compiled, name: str, settings: Ev
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     outputs = PlanOutputs(name)
     logits = []
-    for start in range(0, len(examples), settings.batch_size):
-        batch = examples[start : start + settings.batch_size]
-        prompts = [format_prompt(template, ex.question, question_format) for ex in batch]
-        inputs = loaded.processor_inputs(prompts, [ex.image() for ex in batch])
-        n_vis, n_txt = count_tokens(model, inputs)
+    for i in range(len(batches)):
+        batch, inputs, n_vis, n_txt = batches.get(i)
         kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
         if pad is None and eos is not None:
             kwargs["pad_token_id"] = eos if isinstance(eos, int) else eos[0]
@@ -320,17 +353,16 @@ def evaluate(
         from tqdm.auto import tqdm as progress_factory
     names = [VANILLA, *plans]
     runs: dict[str, PlanOutputs] = {}
+    batches = _Batches(loaded, examples, settings, template, question_format)
     if settings.warmup:  # the first generate() pays one-off costs that would be charged to vanilla
-        first = examples[: settings.batch_size]
-        prompts = [format_prompt(template, ex.question, question_format) for ex in first]
+        _, first, _, _ = batches.get(0)
         with torch.no_grad():
-            loaded.model.generate(**loaded.processor_inputs(prompts, [ex.image() for ex in first]),
-                                  max_new_tokens=1, do_sample=False)
+            loaded.model.generate(**first, max_new_tokens=1, do_sample=False)
     bar = progress_factory(total=len(examples) * len(names), desc="eval", disable=not settings.progress, leave=False)
     try:
         for name in names:
             bar.set_postfix_str(name)
-            runs[name] = _generate(loaded, examples, compiled.get(name), name, settings, template, question_format, accountant, bar)
+            runs[name] = _generate(loaded, batches, compiled.get(name), name, settings, accountant, bar)
     finally:
         bar.close()
 
