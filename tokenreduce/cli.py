@@ -23,6 +23,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import platform
 import re
 import statistics
 import sys
@@ -571,7 +572,11 @@ def cmd_eval(overrides: Sequence[str]) -> int:
     for note in result.notes:
         print(f"note: {note}")
     folder = out_dir(ctx)
-    (folder / "results.md").write_text(result.markdown())
+
+    about = (f"Model: {info['name']} ({info['decoder_layers']} decoder layers, {info['dtype']}, {info['weights']} weights); "
+             f"torch {torch.__version__}, {ctx.cfg.eval.threads or torch.get_num_threads()} thread(s), {platform.machine()}; "
+             f"FLOPs: mean prefill FLOPs per question (docs/measurement.md); s: wall time of each configuration's generate() calls.")
+    (folder / "results.md").write_text(result.markdown(about))
     write_outputs(ctx, folder, {"model": info, **result.to_dict()}, plans)
     _progress_note(ctx, folder, ["results.md"])
     return 0

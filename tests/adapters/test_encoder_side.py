@@ -213,7 +213,7 @@ def test_visionzip_contextual_tokens_enter_the_first_layer():
 def test_composition_from_command_line_overrides(tmp_path):
     out = tmp_path / "run"
     args = ["run", "plan=visionzip_pio", "plan.stages.0.keep=8", "plan.stages.0.selector.contextual=2",
-            "plan.stages.1.layer=2", "plan.stages.1.keep=4", "model.text_layers=4", "model.image_size=56",
+            "plan.stages.1.layer=2", "plan.stages.1.keep=4", "model=tiny_llava", "model.text_layers=4", "model.image_size=56",
             "run.max_new_tokens=2", f"out_dir={out}"]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())

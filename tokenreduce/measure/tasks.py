@@ -59,6 +59,11 @@ class EvalSettings(BaseModel):
     progress: bool = Field(default=True, description="show a progress bar on stderr")
     warmup: bool = Field(default=True, description="one untimed generate() of the first batch before timing")
     keep_answers: bool = Field(default=True, description="write every answer of every plan into results.json")
+    threads: int | None = Field(
+        default=None, ge=1,
+        description="torch.set_num_threads during the evaluation (default: leave as is; 1 is much faster on a "
+        "machine whose cores are busy with other work)",
+    )
     cache_inputs_mib: int = Field(
         default=1024, ge=0,
         description="keep the processed inputs of the batches (images decoded and preprocessed once for all "
@@ -184,12 +189,15 @@ class EvalResult:
         header, rows = self._rows()
         return format_table(rows, header)
 
-    def markdown(self) -> str:
+    def markdown(self, about: str | None = None) -> str:
+        """The table in Markdown under a title; ``about``: a line under the title (model, machine)."""
         header, rows = self._rows()
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(r) + " |" for r in rows]
         task = self.task
         head = f"# Evaluation: {task.get('name')} ({task.get('split')}, {task.get('n')} questions, seed {task.get('seed')})\n\n"
+        if about:
+            head += about + "\n\n"
         notes = "".join(f"\n- {n}" for n in self.notes)
         return head + "\n".join(lines) + ("\n\nNotes:" + notes if notes else "") + "\n"
 
@@ -354,17 +362,21 @@ def evaluate(
     names = [VANILLA, *plans]
     runs: dict[str, PlanOutputs] = {}
     batches = _Batches(loaded, examples, settings, template, question_format)
-    if settings.warmup:  # the first generate() pays one-off costs that would be charged to vanilla
-        _, first, _, _ = batches.get(0)
-        with torch.no_grad():
-            loaded.model.generate(**first, max_new_tokens=1, do_sample=False)
+    threads_before = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     bar = progress_factory(total=len(examples) * len(names), desc="eval", disable=not settings.progress, leave=False)
     try:
+        if settings.warmup:  # the first generate() pays one-off costs that would be charged to vanilla
+            _, first, _, _ = batches.get(0)
+            with torch.no_grad():
+                loaded.model.generate(**first, max_new_tokens=1, do_sample=False)
         for name in names:
             bar.set_postfix_str(name)
             runs[name] = _generate(loaded, batches, compiled.get(name), name, settings, accountant, bar)
     finally:
         bar.close()
+        torch.set_num_threads(threads_before)
 
     gold = [ex.answer for ex in examples]
     base = runs[VANILLA]
