@@ -147,8 +147,10 @@ class Context:
     def model_name(self) -> str:
         return self.cfg.model.name or self.choices.get("model") or self.cfg.model.arch
 
-    def template(self) -> str:
-        return self.cfg.model.prompt or getattr(self.cfg.prompts, self.cfg.model.arch)
+    def template(self, loaded) -> str:
+        """The prompt template of ``loaded``: its conf's ``prompt`` (``chat_template``: rendered
+        from its processor), else ``prompts.<arch>``."""
+        return loaded.prompt_template(getattr(self.cfg.prompts, self.cfg.model.arch))
 
 
 def compose_config(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -469,7 +471,7 @@ def cmd_run(overrides: Sequence[str]) -> int:
     loaded = _load(ctx)
     adapter, compiled = tokenreduce.compile_for(loaded.model, plan)
     if loaded.processor is not None:
-        prompt = rcfg.prompt or format_prompt(ctx.template(), rcfg.question, ctx.cfg.task.question_format)
+        prompt = rcfg.prompt or format_prompt(ctx.template(loaded), rcfg.question, ctx.cfg.task.question_format)
         inputs = loaded.processor_inputs([prompt], [_picture(rcfg.image, rcfg.image_size, rcfg.seed)])
         decode = lambda ids: loaded.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()  # noqa: E731
     else:
@@ -565,7 +567,7 @@ def cmd_eval(overrides: Sequence[str]) -> int:
     print(f"{ctx.cfg.task.name} ({ctx.cfg.task.split}, {len(examples)} questions, seed {ctx.cfg.task.seed}) on "
           f"{info['name']} ({info['decoder_layers']} layers, {info['dtype']}, {info['weights']} weights): vanilla + "
           f"{len(plans)} plan(s)" + (f" of suite {ctx.choices.get('suite')!r}" if use_suite else ""), flush=True)
-    result = evaluate(loaded, examples, plans, ctx.cfg.eval, template=ctx.template(),
+    result = evaluate(loaded, examples, plans, ctx.cfg.eval, template=ctx.template(loaded),
                       question_format=ctx.cfg.task.question_format, task_info=task_info)
     result.notes[:0] = skipped
     print(result.table())
@@ -596,7 +598,7 @@ def cmd_bench(overrides: Sequence[str]) -> int:
     else:
         if loaded.processor is None:
             raise TokenReduceError("bench.synthetic=false needs a model with a processor (kind tiny or pretrained)")
-        prompt = format_prompt(ctx.template(), bcfg.question, ctx.cfg.task.question_format)
+        prompt = format_prompt(ctx.template(loaded), bcfg.question, ctx.cfg.task.question_format)
         pictures = [_picture(bcfg.image, None, bcfg.seed + i) for i in range(bcfg.batch_size)]
         inputs = loaded.processor_inputs([prompt] * bcfg.batch_size, pictures)
     result = benchmark(loaded.model, inputs, plans, bcfg)
@@ -681,7 +683,7 @@ def cmd_viz(overrides: Sequence[str]) -> int:
                                f"model {ctx.model_name!r} is kind {loaded.kind!r}")
     paths = vcfg.images or [None]
     pictures = [_picture(p, vcfg.image_size, vcfg.seed + i) for i, p in enumerate(paths)]
-    prompt = format_prompt(ctx.template(), vcfg.question, ctx.cfg.task.question_format)
+    prompt = format_prompt(ctx.template(loaded), vcfg.question, ctx.cfg.task.question_format)
     figure, record = visualize(loaded, plans, pictures, [prompt] * len(pictures), vcfg)
     folder = out_dir(ctx)
     figure.save(folder / vcfg.file)

@@ -9,13 +9,27 @@ kinds:
   layers, ``text_layers``) built in code in the configured dtype, seeded.  There is no processor:
   :meth:`LoadedModel.synthetic_inputs` builds inputs of the right shapes (random pixels plus input
   ids with the right number of image tokens), so speed can be measured without weights;
-* ``pretrained``: ``from_pretrained`` of a local folder (``path``; never a hub download), model
-  and processor.  ``pkg:<package>/<folder>`` names a folder shipped inside an installed package,
-  e.g. ``pkg:tokenreduce.reference/models/<name>``.
+* ``pretrained``: ``from_pretrained`` of a checkpoint, model and processor: a local folder
+  (``path``; ``pkg:<package>/<folder>`` names a folder shipped inside an installed package, e.g.
+  ``pkg:tokenreduce.reference/models/<name>``) or a Hugging Face Hub repository (``repo``, e.g.
+  ``llava-hf/llava-1.5-7b-hf``, at ``revision``; downloaded into the Hugging Face cache on first
+  use).  ``path`` wins when both are given, so ``model.path=DIR`` points a hub conf at a local
+  copy.  Offline, a repository that is not in the cache fails with a message that says so and
+  how to use a local folder.  The architecture is read from the checkpoint's ``config.json``
+  before any weight is loaded: a ``model_type`` without a tokenreduce adapter fails with the list
+  of supported ones.  :func:`load_pretrained` is the same loader for Python callers (the
+  lmms-eval plugin uses it).
+
+Prompts: a conf's ``prompt`` is a template with the image placeholder and ``{question}``; the
+value ``chat_template`` builds it from the processor's own chat template (one user turn: the
+image, then ``chat_user``), which is what the real checkpoints were tuned on
+(:meth:`LoadedModel.prompt_template`).
 
 Attention implementation: ``flash_attention_2`` is used only when CUDA and the ``flash_attn``
 package are present and the conf asks for it or says ``auto``; otherwise ``auto`` means ``sdpa``
-and a request for ``flash_attention_2`` falls back to ``sdpa`` with a logged warning.  Half
+and a request for ``flash_attention_2`` falls back to ``sdpa`` with a logged warning.  Dtype
+``auto``: float32 on a CPU; on CUDA the checkpoint's own half precision (``torch_dtype`` of its
+config: float16 for the llava-hf checkpoints, bfloat16 for Qwen2.5-VL), else bfloat16.  Half
 precision on a CPU (5-600x slower than fp32 there) is replaced by float32 with a warning; the
 dtype actually used is recorded in :meth:`LoadedModel.describe`.
 """
@@ -37,9 +51,12 @@ from tokenreduce.core.errors import TokenReduceError
 
 __all__ = [
     "ARCHS",
+    "CHAT_TEMPLATE",
     "ModelSettings",
     "LoadedModel",
     "load_model",
+    "load_pretrained",
+    "pretrained_config",
     "resolve_device",
     "resolve_dtype",
     "resolve_attn_implementation",
@@ -52,6 +69,12 @@ log = logging.getLogger("tokenreduce")
 
 ARCHS = ("llava", "llava_next", "qwen2_5_vl")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: ``prompt: chat_template``: build the prompt template from the processor's chat template
+CHAT_TEMPLATE = "chat_template"
+#: the user turn of a chat-template prompt: the short-answer instruction of LLaVA-1.5's evaluation
+#: prompts (also used by lmms-eval's VQA tasks)
+DEFAULT_CHAT_USER = "{question}\nAnswer the question using a single word or phrase."
+_QUESTION_SENTINEL = "\x00tokenreduce-question\x00"
 
 
 class ModelSettings(BaseModel):
@@ -66,7 +89,13 @@ class ModelSettings(BaseModel):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field(default="auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
-    path: str | None = Field(default=None, description="kind pretrained: a local folder, or pkg:<package>/<folder>")
+    path: str | None = Field(
+        default=None, description="kind pretrained: a local folder, or pkg:<package>/<folder> (wins over repo)"
+    )
+    repo: str | None = Field(
+        default=None, description="kind pretrained: a Hugging Face Hub repository id (org/name), used when path is null"
+    )
+    revision: str | None = Field(default=None, description="kind pretrained with repo: a branch, tag or commit")
     n_visual: int | None = Field(default=None, ge=1, description="visual tokens per sample for synthetic inputs and FLOPs")
     n_text: int | None = Field(default=None, ge=1, description="text tokens per sample for synthetic inputs and FLOPs")
     hf_config: dict[str, Any] | None = Field(default=None, description="kind config: the Hugging Face config dict")
@@ -75,17 +104,28 @@ class ModelSettings(BaseModel):
     seed: int = Field(default=0, description="weight seed (tiny, config)")
     prompt: str | None = Field(
         default=None,
-        description="prompt template with the image placeholder and {question}; defaults to prompts.<arch> of the root config",
+        description="prompt template with the image placeholder and {question}, or 'chat_template' (the processor's "
+        "chat template with one user turn: the image, then chat_user); defaults to prompts.<arch> of the root config",
+    )
+    chat_user: str = Field(
+        default=DEFAULT_CHAT_USER, description="prompt 'chat_template': the text of the user turn, with {question}"
     )
 
     @model_validator(mode="after")
     def _kind_fields(self) -> "ModelSettings":
         if self.kind == "config" and not self.hf_config:
             raise ValueError("kind 'config' needs hf_config (the Hugging Face config dict of the architecture)")
-        if self.kind == "pretrained" and not self.path:
-            raise ValueError("kind 'pretrained' needs path (a local folder with the model and its processor)")
-        if self.kind == "tiny" and (self.hf_config or self.path):
-            raise ValueError("kind 'tiny' is built in code: remove hf_config and path (or use kind config/pretrained)")
+        if self.kind == "pretrained" and not (self.path or self.repo):
+            raise ValueError(
+                "kind 'pretrained' needs path (a local folder with the model and its processor) or repo (a Hugging Face "
+                "Hub id such as llava-hf/llava-1.5-7b-hf)"
+            )
+        if self.kind == "tiny" and (self.hf_config or self.path or self.repo):
+            raise ValueError("kind 'tiny' is built in code: remove hf_config, path and repo (or use kind config/pretrained)")
+        if self.prompt is not None and self.prompt != CHAT_TEMPLATE and "{question}" not in self.prompt:
+            raise ValueError(f"prompt must contain {{question}} or be {CHAT_TEMPLATE!r}; got {self.prompt!r}")
+        if "{question}" not in self.chat_user:
+            raise ValueError(f"chat_user must contain {{question}}; got {self.chat_user!r}")
         return self
 
 
@@ -138,6 +178,22 @@ class LoadedModel:
             "requested_attn_implementation": self.settings.attn_implementation,
             "weights": "random" if self.kind in ("tiny", "config") else "pretrained",
         }
+
+    def prompt_template(self, default: str | None = None) -> str:
+        """The prompt template (image placeholder + ``{question}``) this model is asked with.
+
+        The conf's ``prompt``; for ``prompt: chat_template`` the processor's chat template rendered
+        with one user turn (the image, then ``chat_user``) and the generation prompt; when the conf
+        has no prompt, ``default`` (the CLI passes ``prompts.<arch>``).
+        """
+        prompt = self.settings.prompt
+        if prompt == CHAT_TEMPLATE:
+            return chat_prompt_template(self.processor, self.settings.chat_user, self.name)
+        if prompt:
+            return prompt
+        if default is None:
+            raise TokenReduceError(f"model {self.name!r} has no prompt template (set model.prompt)")
+        return default
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         """Tensors of ``batch`` moved to the model's device; floating tensors to its dtype."""
@@ -198,11 +254,17 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` -> float32 on CPU, bfloat16 on CUDA.  Half precision on a CPU becomes float32
-    (with a warning): bf16/fp16 matmuls are 5-600x slower than fp32 there."""
+def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: Any = None) -> torch.dtype:
+    """``auto`` -> float32 on CPU; on CUDA the checkpoint's half precision (``checkpoint_dtype``,
+    the ``torch_dtype``/``dtype`` of its config) when it is float16 or bfloat16, else bfloat16.
+    Half precision on a CPU becomes float32 (with a warning): bf16/fp16 matmuls are 5-600x
+    slower than fp32 there."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        if isinstance(checkpoint_dtype, str):
+            checkpoint_dtype = _DTYPES.get(checkpoint_dtype.replace("torch.", ""))
+        return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     resolved = _DTYPES[dtype]
     if device.type == "cpu" and resolved != torch.float32:
         log.warning("model.dtype=%s on a CPU: using float32 instead (half precision is 5-600x slower there)", dtype)
@@ -254,6 +316,137 @@ def _text_config(config):
     return getattr(config, "text_config", None) or config
 
 
+def chat_prompt_template(processor: Any, user: str = DEFAULT_CHAT_USER, name: str = "model") -> str:
+    """A prompt template from ``processor``'s chat template: one user turn (an image, then the
+    text ``user``, which holds ``{question}``) followed by the generation prompt.
+
+    Raises:
+        TokenReduceError: the processor has no chat template.
+    """
+    if processor is None or not getattr(processor, "chat_template", None):
+        raise TokenReduceError(
+            f"model {name!r}: prompt 'chat_template' needs a processor with a chat template, and this one has none; "
+            "set model.prompt to a template with the image placeholder and {question}"
+        )
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _QUESTION_SENTINEL}]}]
+    rendered = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    if isinstance(rendered, list):  # some processors return one string per conversation
+        rendered = rendered[0]
+    if rendered.count(_QUESTION_SENTINEL) != 1:
+        raise TokenReduceError(f"model {name!r}: its chat template did not render the user text exactly once")
+    return rendered.replace(_QUESTION_SENTINEL, user)
+
+
+def pretrained_config(source: str | Path, revision: str | None = None):
+    """The ``transformers`` config of a checkpoint (a local folder, ``pkg:...`` or a Hub id),
+    with the hub errors turned into messages that say what to do.
+
+    A local folder (or ``pkg:``) is read with ``local_files_only``; anything else is treated as
+    a Hub repository id and resolved through the Hugging Face cache (downloading only
+    ``config.json`` when the hub is reachable).
+
+    Raises:
+        TokenReduceError: no such folder; the hub is unreachable (offline) and the repository is not
+            cached; the repository does not exist or needs a login.
+    """
+    from transformers import AutoConfig
+
+    local = _local_folder(source)
+    if local is not None:
+        return AutoConfig.from_pretrained(local, local_files_only=True), local
+    repo = str(source)
+    try:
+        return AutoConfig.from_pretrained(repo, revision=revision), repo
+    except OSError as exc:
+        raise TokenReduceError(_hub_error(repo, revision, exc)) from None
+
+
+def _local_folder(source: str | Path) -> Path | None:
+    """``source`` as a local folder (``pkg:`` resolved), or ``None`` when it is a Hub id."""
+    text = str(source)
+    if isinstance(source, Path) or text.startswith(("pkg:", "/", ".", "~")) or Path(text).expanduser().is_dir():
+        return resolve_path(text)
+    if text.count("/") > 1 or not text.strip("/"):
+        raise TokenReduceError(
+            f"{text!r} is neither a local folder nor a Hugging Face Hub id (org/name); models load from one of the two"
+        )
+    return None
+
+
+def _hub_error(repo: str, revision: str | None, exc: OSError) -> str:
+    """A clear message for a failed hub lookup of ``repo`` (offline, unknown, gated)."""
+    from huggingface_hub import constants
+
+    message = str(exc)
+    at = f" at revision {revision!r}" if revision else ""
+    lowered = message.lower()
+    if constants.HF_HUB_OFFLINE or "couldn't connect" in lowered or "offline" in lowered or "connection" in lowered:
+        return (
+            f"cannot load {repo!r}{at}: the Hugging Face Hub is unreachable (offline"
+            f"{', HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else ''}) and the checkpoint is not in the local "
+            f"cache ({constants.HF_HUB_CACHE}). Download it where the hub is reachable (`hf download {repo} "
+            f"--local-dir DIR`), copy DIR here and point at it: model.path=DIR on the command line, "
+            f"pretrained=DIR for lmms-eval, load_pretrained('DIR') in Python; or set HF_HOME to a cache that holds it."
+        )
+    return f"cannot load {repo!r}{at} from the Hugging Face Hub: {message.splitlines()[0] if message else exc!r}"
+
+
+def _arch_of(config, source: Any) -> str:
+    """The tokenreduce architecture of a checkpoint config (its ``model_type``), or a clear error."""
+    from tokenreduce.core.errors import UnsupportedModelError
+    from tokenreduce.core.registry import get_registry
+
+    model_type = getattr(config, "model_type", None)
+    registry = get_registry()
+    if model_type not in ARCHS or registry.adapter_for(model_type) is None:
+        supported = sorted(t for c in registry.components("adapter") for t in getattr(c.cls, "model_types", ()))
+        raise UnsupportedModelError(
+            f"{source}: model_type {model_type!r} has no tokenreduce adapter; supported model types: {', '.join(supported)}"
+        )
+    return model_type
+
+
+def load_pretrained(
+    source: str | Path,
+    *,
+    revision: str | None = None,
+    dtype: str = "auto",
+    attn_implementation: str = "auto",
+    device: str = "auto",
+    prompt: str | None = CHAT_TEMPLATE,
+    name: str | None = None,
+) -> LoadedModel:
+    """Load a real checkpoint with its processor: ``LoadedModel``, ready for ``tokenreduce.apply``.
+
+    Args:
+        source: a local folder, ``pkg:<package>/<folder>``, or a Hugging Face Hub id such as
+            ``"llava-hf/llava-1.5-7b-hf"``, ``"llava-hf/llava-v1.6-vicuna-7b-hf"`` or
+            ``"Qwen/Qwen2.5-VL-7B-Instruct"``.
+        revision: hub branch, tag or commit.
+        dtype: ``auto`` (float32 on CPU, the checkpoint's half precision on CUDA), ``float32``,
+            ``bfloat16``, ``float16``.
+        attn_implementation: ``auto`` (flash_attention_2 with CUDA and flash-attn, else sdpa),
+            ``sdpa``, ``eager``, ``flash_attention_2``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N``.
+        prompt: ``chat_template`` (default), a template with the image placeholder and
+            ``{question}``, or ``None``.
+        name: display name (default: ``source``).
+
+    Raises:
+        UnsupportedModelError: the checkpoint's ``model_type`` has no adapter (lists the supported ones).
+        TokenReduceError: the folder is missing, or the hub is unreachable and the checkpoint is not cached.
+    """
+    config, _ = pretrained_config(source, revision)
+    arch = _arch_of(config, source)
+    local = _local_folder(source)
+    settings = ModelSettings(
+        kind="pretrained", arch=arch, name=name or str(source), path=str(local) if local is not None else None,
+        repo=None if local is not None else str(source), revision=revision, dtype=dtype,
+        attn_implementation=attn_implementation, device=device, prompt=prompt,
+    )
+    return load_model(settings)
+
+
 def load_model(model_cfg: Mapping[str, Any] | ModelSettings, name: str | None = None) -> LoadedModel:
     """Build or load the model a conf describes (see the module docstring).
 
@@ -266,16 +459,17 @@ def load_model(model_cfg: Mapping[str, Any] | ModelSettings, name: str | None = 
     """
     settings = model_cfg if isinstance(model_cfg, ModelSettings) else _validate(model_cfg)
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
     attn = resolve_attn_implementation(settings.attn_implementation, device)
     display = settings.name or name or settings.arch
     if settings.kind == "tiny":
+        dtype = resolve_dtype(settings.dtype, device)
         model, processor = _load_tiny(settings, attn, dtype)
         model = model.to(device)
     elif settings.kind == "config":
+        dtype = resolve_dtype(settings.dtype, device)
         model, processor = _load_config(settings, attn, dtype, device), None
     else:
-        model, processor = _load_pretrained(settings, attn, dtype, device)
+        model, processor, dtype = _load_pretrained(settings, attn, device)
     model.eval()
     return LoadedModel(model, processor, settings.arch, display, settings, device, dtype, attn)
 
@@ -323,26 +517,44 @@ def _load_config(settings: ModelSettings, attn: str, dtype: torch.dtype, device:
     return model
 
 
-def _load_pretrained(settings: ModelSettings, attn: str, dtype: torch.dtype, device: torch.device):
+def _load_pretrained(settings: ModelSettings, attn: str, device: torch.device):
     from transformers import AutoProcessor
 
-    folder = resolve_path(settings.path)
-    cls = _model_class(settings.arch)
     if settings.text_layers is not None:
         raise TokenReduceError("model.text_layers cannot shorten a pretrained model; use kind config for fewer layers")
-    model = cls.from_pretrained(folder, dtype=dtype, attn_implementation=attn, local_files_only=True)
-    if model.config.model_type != settings.arch:
-        raise TokenReduceError(f"{folder}: model_type {model.config.model_type!r} does not match model.arch={settings.arch!r}")
-    model = model.to(device)
+    source = resolve_path(settings.path) if settings.path else settings.repo
+    config, source = pretrained_config(source, None if settings.path else settings.revision)
+    arch = _arch_of(config, source)
+    if arch != settings.arch:
+        raise TokenReduceError(f"{source}: model_type {arch!r} does not match model.arch={settings.arch!r}")
+    dtype = resolve_dtype(settings.dtype, device, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    # a hub repository is in the local cache now (config.json came from it), or the hub is reachable
+    hub = {} if settings.path else {"revision": settings.revision}
+    local = {"local_files_only": True} if settings.path else {}
+    cls = _model_class(arch)
     try:
-        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+        model = cls.from_pretrained(source, dtype=dtype, attn_implementation=attn, **hub, **local)
+    except OSError as exc:
+        if settings.path:
+            raise TokenReduceError(f"{source}: could not load the model: {exc}") from None
+        raise TokenReduceError(_hub_error(str(source), settings.revision, exc)) from None
+    model = model.to(device)
+    from transformers import ProcessorMixin
+
+    try:
+        processor = AutoProcessor.from_pretrained(source, **hub, **local)
+        problem = None if isinstance(processor, ProcessorMixin) else f"AutoProcessor gave a {type(processor).__name__}"
     except Exception as exc:  # noqa: BLE001 - the Qwen video processor needs torchvision (no CPU wheel)
-        if settings.arch != "qwen2_5_vl":
-            raise TokenReduceError(f"{folder}: could not load the processor: {exc}") from None
+        processor, problem = None, str(exc)
+    if problem is not None:
+        # Qwen2.5-VL: the stock processor also builds a video processor, which needs torchvision;
+        # a folder saved from the image-only processor names a class AutoProcessor does not know
+        if arch != "qwen2_5_vl":
+            raise TokenReduceError(f"{source}: could not load the processor: {problem}")
         from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
 
-        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(folder, local_files_only=True)
-    return model, processor
+        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(source, **hub, **local)
+    return model, processor, dtype
 
 
 # -- synthetic inputs -------------------------------------------------------------------------

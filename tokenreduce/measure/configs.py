@@ -102,10 +102,15 @@ def hf_config(model_cfg: Mapping[str, Any]) -> PretrainedConfig:
             raise ValueError(f"model.hf_config: transformers could not build a {model_type!r} config: {exc}") from None
 
     if kind == "pretrained":
-        path = model_cfg.get("path")
-        if not path:
-            raise ValueError("model.kind=pretrained needs model.path (a local folder with config.json) or model.hf_config")
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        source = model_cfg.get("path") or model_cfg.get("repo")
+        if not source:
+            raise ValueError(
+                "model.kind=pretrained needs model.path (a local folder with config.json), model.repo (a Hugging Face "
+                "Hub id) or model.hf_config"
+            )
+        from tokenreduce.models import pretrained_config
+
+        config, _ = pretrained_config(source, None if model_cfg.get("path") else model_cfg.get("revision"))
     elif kind == "tiny":
         if arch is None:
             raise ValueError(f"model.kind=tiny needs model.arch (one of {', '.join(ARCH_MODEL_TYPES)})")
