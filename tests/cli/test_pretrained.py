@@ -23,38 +23,12 @@ import torch
 from tokenreduce import UnsupportedModelError
 from tokenreduce.core.errors import TokenReduceError
 from tokenreduce.models import ModelSettings, chat_prompt_template, load_model, load_pretrained, resolve_dtype
-from tokenreduce.testing.tiny import build_tiny, make_processor
+from tokenreduce.testing.tiny import save_tiny_checkpoint as save_tiny
 
-# Chat templates in the style of each checkpoint's own (written here; the tiny processors have none).
-CHAT_TEMPLATES = {
-    "llava": (
-        "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-        "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}"
-        "{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-    ),
-    "qwen2_5_vl": (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% for message in messages %}"
-        "<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
-        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-}
-CHAT_TEMPLATES["llava_next"] = CHAT_TEMPLATES["llava"]
 CONFS = {"llava": "llava_1_5_7b", "llava_next": "llava_next_7b", "qwen2_5_vl": "qwen2_5_vl_7b"}
 REPOS = {"llava": "llava-hf/llava-1.5-7b-hf", "llava_next": "llava-hf/llava-v1.6-vicuna-7b-hf",
          "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct"}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def save_tiny(folder: Path, arch: str, chat_template: bool = True) -> Path:
-    """A tiny ``arch`` checkpoint (model + processor, optionally with a chat template) in ``folder``."""
-    model = build_tiny(arch, text_layers=3)
-    processor = make_processor(arch)
-    if chat_template:
-        processor.chat_template = CHAT_TEMPLATES[arch]
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
 
 
 def hub_cache(root: Path, repo: str, arch: str) -> Path:

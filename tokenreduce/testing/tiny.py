@@ -62,6 +62,8 @@ __all__ = [
     "EOS_TOKEN_ID",
     "QWEN_IMAGE_PLACEHOLDER",
     "make_tokenizer",
+    "CHAT_TEMPLATES",
+    "save_tiny_checkpoint",
     "llava_config",
     "llava_next_config",
     "qwen2_5_vl_config",
@@ -489,3 +491,38 @@ def make_inputs(
         bounds = [sum(per_prompt[:i]) for i in range(len(per_prompt) + 1)]
         images = [flat[bounds[i] : bounds[i + 1]] for i in range(len(prompts))]
     return processor(images=images, text=prompts, padding=True, return_tensors="pt")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints on disk
+
+#: Chat templates in the style of each real checkpoint's own (the llava-hf ``USER: ... ASSISTANT:``
+#: turn, Qwen's ChatML with a system prompt), for tiny checkpoints whose processors have none.
+CHAT_TEMPLATES = {
+    "llava": (
+        "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}"
+        "{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    ),
+    "qwen2_5_vl": (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% for message in messages %}"
+        "<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
+        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+CHAT_TEMPLATES["llava_next"] = CHAT_TEMPLATES["llava"]
+
+
+def save_tiny_checkpoint(folder, kind: str, chat_template: bool = True, text_layers: int = 3, seed: int = 0):
+    """Save a tiny ``kind`` model and its processor into ``folder`` with ``save_pretrained``, the
+    way a real checkpoint is laid out (``config.json``, ``model.safetensors``, tokenizer and
+    processor files), optionally with a chat template (:data:`CHAT_TEMPLATES`).  Returns ``folder``.
+    """
+    model = build_tiny(kind, text_layers=text_layers, seed=seed)
+    processor = make_processor(kind)
+    if chat_template:
+        processor.chat_template = CHAT_TEMPLATES[kind]
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

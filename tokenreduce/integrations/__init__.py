@@ -1,0 +1,5 @@
+"""Bridges to other tools: each module here imports its tool and is loaded only by that tool.
+
+- :mod:`tokenreduce.integrations.lmms_eval_plugin`: the ``tokenreduce`` model of lmms-eval,
+  registered through lmms-eval's ``lmms_eval.models`` entry-point group (``docs/lmms-eval.md``).
+"""
