@@ -388,7 +388,8 @@ def _hub_error(repo: str, revision: str | None, exc: OSError) -> str:
             f"--local-dir DIR`), copy DIR here and point at it: model.path=DIR on the command line, "
             f"pretrained=DIR for lmms-eval, load_pretrained('DIR') in Python; or set HF_HOME to a cache that holds it."
         )
-    return f"cannot load {repo!r}{at} from the Hugging Face Hub: {message.splitlines()[0] if message else exc!r}"
+    first = message.splitlines()[0] if message else repr(exc)
+    return f"cannot load {repo!r}{at} from the Hugging Face Hub ({repo!r} is no local folder either): {first}"
 
 
 def _arch_of(config, source: Any) -> str:
