@@ -12,12 +12,39 @@ from tokenreduce.reference import data
 from tokenreduce.reference.evaluate import evaluate_generate
 
 LLAVA = "easyvqa-llava"
+QWEN = "easyvqa-qwen2_5_vl"
 SHIPPED = [name for name in REFERENCE_MODELS if name in reference_names()]
+_LOADED: dict = {}
+
+
+def loaded(name: str):
+    if name not in _LOADED:
+        _LOADED[name] = load_reference(name)
+    return _LOADED[name]
 
 
 @pytest.fixture(scope="module")
 def llava():
-    return load_reference(LLAVA)
+    return loaded(LLAVA)
+
+
+def test_both_reference_models_are_shipped():
+    assert SHIPPED == [LLAVA, QWEN]
+
+
+def test_qwen_reference_loads_with_plain_from_pretrained_and_has_144_visual_tokens():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
+
+    path = reference_dir(QWEN)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)
+    processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(path)
+    assert model.config.text_config.num_hidden_layers >= 4
+    image = data.load_split("test").image(0)
+    inputs = processor(images=[image], text=[data.prompt("what color is the shape?", "qwen2_5_vl")], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 144
+    assert inputs["image_grid_thw"].tolist() == [[1, 24, 24]]  # 24x24 patches of 4 px, merged 2x2 -> 12x12
 
 
 def test_llava_reference_is_shipped_and_loads_with_plain_from_pretrained():
@@ -58,12 +85,13 @@ def test_unknown_reference_name_lists_the_shipped_ones():
         reference_dir("easyvqa-nope")
 
 
-def test_llava_reference_accuracy_on_the_fixed_ci_questions(llava):
-    model, processor = llava
+@pytest.mark.parametrize("name", SHIPPED)
+def test_reference_accuracy_on_the_fixed_ci_questions(name):
+    model, processor = loaded(name)
     result = evaluate_generate(model, processor, "test", data.fixed_test_subset(200, seed=0), batch_size=100)
     assert result.n == 200
-    assert result.accuracy >= 0.90, f"accuracy {result.accuracy:.3f} on the 200 CI questions"
-    metrics = json.loads((reference_dir(LLAVA) / "metrics.json").read_text())
+    assert result.accuracy >= 0.90, f"{name}: accuracy {result.accuracy:.3f} on the 200 CI questions"
+    metrics = json.loads((reference_dir(name) / "metrics.json").read_text())
     assert result.accuracy == pytest.approx(metrics["ci_subset_accuracy"], abs=0.011)
 
 

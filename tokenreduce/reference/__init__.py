@@ -8,7 +8,8 @@ questions, 13 one-word answers) and ships them as ordinary Hugging Face folders 
 
 - ``easyvqa-llava``: ``LlavaForConditionalGeneration`` (CLIP tower with CLS, ``vision_feature_layer=-2``,
   Llama decoder), 144 visual tokens per image;
-- ``easyvqa-qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration`` (shipped once trained).
+- ``easyvqa-qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration`` (windowed Qwen2.5-VL ViT, no CLS
+  token, 4 px patches merged 2x2; Qwen2 decoder with 3-D M-RoPE), 144 visual tokens per image.
 
 Each folder holds ``config.json``, ``model.safetensors``, the tokenizer and processor files and a
 ``README.md`` model card (training command, wall time, data split, accuracy). Load one with::
