@@ -55,6 +55,13 @@ layers of width 128):
 - the balanced loss moves the yes/no decision threshold off the true prior: the model
   plateaued at 89-90% held-out accuracy with its errors on the majority answer of each template;
   800 unbalanced steps (run 3) took it to 95.6% held-out and 95.8% test accuracy.
+
+The shipped ``easyvqa-qwen2_5_vl`` model follows the same three runs with ``--arch qwen2_5_vl
+--image-size 96 --patch 4`` (576 ViT patches merged 2x2 into 144 visual tokens), 300 stage-1
+steps and 1,500 steps in run 2 (its card lists the commands). Measured on the way: its ViT is
+about 5x slower per image than the LLaVA tower (576 patches against 145), stage 1 reached 82%
+on shapes (LLaVA's: 99.9%), and yes/no questions stayed at chance until about step 750 of run 1,
+then rose to 91% by the end of run 3 (93.5% test accuracy, 84 min of training).
 """
 
 from __future__ import annotations
