@@ -120,27 +120,18 @@ def fenced_blocks(text: str) -> list[Block]:
     return blocks
 
 
+def code_lines(text: str) -> set[int]:
+    """0-based indices of the lines of ``text`` inside fenced code blocks, the fences included."""
+    lines: set[int] = set()
+    for block in fenced_blocks(text):
+        lines.update(range(block.line - 2, block.line + block.n_lines))
+    return lines
+
+
 def prose(text: str) -> str:
     """``text`` with code blocks, code spans and HTML comments blanked out; line numbers are kept."""
-    lines = text.splitlines()
-    out: list[str] = []
-    i = 0
-    while i < len(lines):
-        m = _FENCE_OPEN.match(lines[i])
-        if not m:
-            out.append(lines[i])
-            i += 1
-            continue
-        fence = m["fence"]
-        close = re.compile(rf"^\s*{re.escape(fence[0])}{{{len(fence)},}}\s*$")
-        out.append("")
-        i += 1
-        while i < len(lines) and not close.match(lines[i]):
-            out.append("")
-            i += 1
-        if i < len(lines):
-            out.append("")
-            i += 1
+    code = code_lines(text)
+    out = ["" if idx in code else line for idx, line in enumerate(text.splitlines())]
     joined = "\n".join(out)
     joined = re.sub(r"<!--.*?-->", lambda m: re.sub(r"[^\n]", " ", m.group(0)), joined, flags=re.S)
     return re.sub(r"(`+)(?!`)(.+?)(?<!`)\1(?!`)", lambda m: " " * len(m.group(0)), joined)
@@ -151,13 +142,10 @@ _ATX = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
 
 def heading_texts(text: str) -> list[str]:
     """The text of every ATX heading (``# ...``) outside code blocks, inline markup removed."""
-    lines = text.splitlines()
-    code_lines = set()
-    for block in fenced_blocks(text):
-        code_lines.update(range(block.line - 2, block.line + block.n_lines))  # 0-based: fences and body
+    code = code_lines(text)
     texts = []
-    for idx, line in enumerate(lines):
-        if idx in code_lines:
+    for idx, line in enumerate(text.splitlines()):
+        if idx in code:
             continue
         m = _ATX.match(line)
         if m:
