@@ -552,7 +552,7 @@ def _load_pretrained(settings: ModelSettings, attn: str, device: torch.device):
         # a folder saved from the image-only processor names a class AutoProcessor does not know
         if arch != "qwen2_5_vl":
             raise TokenReduceError(f"{source}: could not load the processor: {problem}")
-        from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
+        from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
 
         processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(source, **hub, **local)
     return model, processor, dtype

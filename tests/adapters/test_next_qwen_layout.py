@@ -157,7 +157,7 @@ def test_missing_signal_fails_at_build_time_with_the_reason(qwen_model):
 
 
 def test_image_only_qwen_processor_round_trips(tmp_path):
-    from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
+    from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
     from tokenreduce.testing.tiny import make_processor
 
     processor = make_processor("qwen2_5_vl")

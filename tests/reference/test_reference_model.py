@@ -35,7 +35,7 @@ def test_both_reference_models_are_shipped():
 def test_qwen_reference_loads_with_plain_from_pretrained_and_has_144_visual_tokens():
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
+    from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
 
     path = reference_dir(QWEN)
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path)

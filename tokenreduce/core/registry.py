@@ -8,7 +8,7 @@ Every component, built-in or third-party, arrives through the same hook::
     def tokenreduce_register(registry):
         registry.scorer("my_scorer", MyScorer)
         registry.selector("my_selector", MySelector)
-        registry.adapter("my_arch", MyAdapter)
+        registry.architecture(MyArchSpec())   # an ArchSpec: its adapter, loader, FLOPs, tiny model
 
 Built-ins are the modules :mod:`tokenreduce.strategies` and :mod:`tokenreduce.adapters`.  A
 third-party package exposes a module with such a hook implementation under the entry-point
@@ -31,11 +31,12 @@ from typing import Any, Iterable
 import pluggy
 from pydantic import BaseModel
 
-from .errors import DuplicateComponentError, PluginLoadError, UnknownComponentError
+from .arch import ArchSpec
+from .errors import DuplicateComponentError, PluginLoadError, UnknownComponentError, UnsupportedModelError
 
 PROJECT = "tokenreduce"
 ENTRY_POINT_GROUP = "tokenreduce"
-KINDS = ("scorer", "selector", "adapter")
+KINDS = ("scorer", "selector", "adapter", "architecture")
 #: modules whose ``tokenreduce_register`` hook provides the built-in components
 BUILTIN_PLUGINS = ("tokenreduce.strategies", "tokenreduce.adapters")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -61,6 +62,8 @@ class Component:
     cls: type
     settings: type[BaseModel]
     origin: str
+    #: kind "architecture": the registered ArchSpec instance
+    spec: Any = None
 
     @property
     def summary(self) -> str:
@@ -81,12 +84,32 @@ class Registrar:
     def selector(self, name: str, cls: type, settings: type[BaseModel] | None = None) -> None:
         self._registry._add("selector", name, cls, settings, self._origin)
 
+    def architecture(self, spec: "ArchSpec") -> None:
+        """Register an architecture: its :class:`~tokenreduce.core.arch.ArchSpec` instance, under
+        ``spec.model_type``, and its adapter (``spec.adapter``) under the same name."""
+        if not isinstance(spec, ArchSpec):
+            raise TypeError(
+                f"architecture from {self._origin}: expected an ArchSpec instance, got {spec!r} "
+                "(subclass tokenreduce.core.arch.ArchSpec and register an instance)"
+            )
+        if spec.adapter is None:
+            raise TypeError(f"architecture {spec.model_type!r} from {self._origin}: its ArchSpec names no adapter")
+        self._registry._add("architecture", spec.model_type, type(spec), _NoSettings, self._origin, spec=spec)
+        self._registry._add("adapter", spec.model_type, spec.adapter, _adapter_settings(spec.adapter), self._origin)
+
     def adapter(self, name: str, cls: type) -> None:
-        self._registry._add("adapter", name, cls, _NoSettings, self._origin)
+        """Register an adapter without an architecture spec (deprecated: prefer
+        :meth:`architecture`; the loader, FLOPs, viz and lmms-eval cannot serve it)."""
+        self._registry._add("adapter", name, cls, _adapter_settings(cls), self._origin)
 
 
 class _NoSettings(BaseModel, extra="forbid"):
     pass
+
+
+def _adapter_settings(cls: type) -> type[BaseModel]:
+    settings = getattr(cls, "Settings", None)
+    return settings if isinstance(settings, type) and issubclass(settings, BaseModel) else _NoSettings
 
 
 class Registry:
@@ -96,7 +119,9 @@ class Registry:
         self._entries: dict[tuple[str, str], Component] = {}
 
     # -- population ---------------------------------------------------------------------------
-    def _add(self, kind: str, name: str, cls: type, settings: type[BaseModel] | None, origin: str) -> None:
+    def _add(
+        self, kind: str, name: str, cls: type, settings: type[BaseModel] | None, origin: str, spec: Any = None
+    ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown component kind {kind!r}; allowed: {', '.join(KINDS)}")
         if not isinstance(name, str) or not _NAME.match(name):
@@ -111,7 +136,7 @@ class Registry:
                 f"{kind} {name!r} is registered twice: by {other.origin} and by {origin}; "
                 "rename one of them or uninstall one plugin"
             )
-        self._entries[key] = Component(kind, name, cls, settings, origin)
+        self._entries[key] = Component(kind, name, cls, settings, origin, spec)
 
     @classmethod
     def from_plugin_manager(cls, pm: pluggy.PluginManager) -> "Registry":
@@ -147,9 +172,35 @@ class Registry:
 
     def adapter_for(self, model_type: str) -> Component | None:
         for comp in self.components("adapter"):
-            if model_type in getattr(comp.cls, "model_types", ()):
+            if model_type in getattr(comp.cls, "model_types", (comp.name,)):
                 return comp
         return None
+
+    def model_types(self) -> list[str]:
+        """Every ``model_type`` an adapter is registered for, sorted."""
+        return sorted({t for c in self.components("adapter") for t in getattr(c.cls, "model_types", (c.name,))})
+
+    def spec_for(self, model_type: str, *, what: str = "") -> "ArchSpec":
+        """The :class:`~tokenreduce.core.arch.ArchSpec` registered for ``model_type``.
+
+        Raises:
+            UnsupportedModelError: none is registered (the message lists the registered ones and,
+                when given, ``what`` needed it).
+        """
+        comp = self._entries.get(("architecture", model_type))
+        if comp is not None:
+            return comp.spec
+        known = self.names("architecture")
+        need = f" ({what} needs one)" if what else ""
+        adapter_only = " (only an adapter is registered for it, no ArchSpec)" if self.adapter_for(model_type) else ""
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} has no registered architecture{adapter_only}{need}; "
+            f"registered architectures: {', '.join(known) or '(none)'}"
+        )
+
+    def specs(self) -> list["ArchSpec"]:
+        """Every registered architecture spec, sorted by model type."""
+        return [c.spec for c in self.components("architecture")]
 
 
 # -- the process-wide registry ------------------------------------------------------------------

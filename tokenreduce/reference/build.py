@@ -31,7 +31,7 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
+from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
 
 from tokenreduce.reference import data
 

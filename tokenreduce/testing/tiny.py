@@ -33,7 +33,7 @@ from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
-from tokenreduce.processors import ImageOnlyQwen2_5_VLProcessor
+from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
 from transformers import (
     BatchFeature,
     CLIPVisionConfig,

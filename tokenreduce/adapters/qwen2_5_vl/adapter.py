@@ -35,10 +35,10 @@ from tokenreduce.core.errors import UnsupportedModelError
 from tokenreduce.core.plan import CompiledPlan
 from tokenreduce.core.types import Need
 
-from .decoder_cut import ArchHandles, CutAttachment
-from .layout import runs
-from .llama_signals import LlamaSignals
-from .llava import check_llama_family, generate_position_ids
+from ..decoder_cut import ArchHandles, CutAttachment
+from ..layout import runs
+from ..llama_signals import LlamaSignals
+from ..llama_family import check_llama_family, generate_position_ids
 
 
 def mrope_positions(position_ids: Tensor | None, b: int, q: int, past: int, device) -> Tensor:

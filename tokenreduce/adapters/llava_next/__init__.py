@@ -1,0 +1,5 @@
+"""LLaVA-NeXT (``model_type`` "llava_next"): everything tokenreduce knows about this architecture."""
+
+from .adapter import LlavaNextAdapter
+
+__all__ = ["LlavaNextAdapter"]

@@ -1,0 +1,6 @@
+"""Qwen2.5-VL (``model_type`` "qwen2_5_vl"): everything tokenreduce knows about this architecture."""
+
+from .adapter import Qwen2_5_VLAdapter
+from .processor import ImageOnlyQwen2_5_VLProcessor
+
+__all__ = ["ImageOnlyQwen2_5_VLProcessor", "Qwen2_5_VLAdapter"]
