@@ -9,11 +9,11 @@ import json
 
 import pytest
 import torch
+from llava576 import DEPTH, N_VISUAL, PROMPTS, llava, llava_inputs
 from pydantic import BaseModel, ConfigDict
+from registry_helpers import registry_with
 
 import tokenreduce
-from llava576 import DEPTH, N_VISUAL, PROMPTS, llava, llava_inputs
-from registry_helpers import registry_with
 from tokenreduce.cli import main
 from tokenreduce.core.errors import PlanError
 from tokenreduce.core.presets import load_preset
@@ -25,6 +25,8 @@ STEPS = 3
 _CACHE: dict = {}  # this module's runs, shared by several tests
 METHODS = ("visionzip", "scope", "holov", "pio_ve")
 PRESETS = [f"{m}_{b}" for m in METHODS for b in (192, 128, 64)] + ["visionzip_pio"]
+
+
 def tiny_plan(name: str) -> dict:
     """The preset, with pio_ve's local scan moved to CLIP layer 0 (the tiny tower has 2 layers;
     the preset's layer 5 would be refused as out of range)."""
@@ -37,8 +39,9 @@ def tiny_plan(name: str) -> dict:
 
 def generate(model, inputs, plan, registry=None):
     with tokenreduce.apply(model, plan, registry=registry) as att:
-        out = model.generate(**inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=STEPS, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     return out.sequences, torch.stack(out.logits, 1), att.trace
 
 
@@ -63,14 +66,24 @@ class RecordingSelector:
 
     def select(self, view, scores, keep):
         s = view.signals
-        RECORDED.append({
-            **{("cls", layer, heads): s.vision_cls_attention(layer, heads) for layer in (0, 1, -1) for heads in ("sum", "mean")},
-            **{("keys", layer, heads): s.vision_keys(layer, heads) for layer in (0, -2) for heads in ("mean", "concat")},
-            "features": s.vision_features(),
-            "projected": s.project_vision(s.vision_features()),
-            "hidden": view.visual_hidden(),
-            "valid": view.visual_valid,
-        })
+        RECORDED.append(
+            {
+                **{
+                    ("cls", layer, heads): s.vision_cls_attention(layer, heads)
+                    for layer in (0, 1, -1)
+                    for heads in ("sum", "mean")
+                },
+                **{
+                    ("keys", layer, heads): s.vision_keys(layer, heads)
+                    for layer in (0, -2)
+                    for heads in ("mean", "concat")
+                },
+                "features": s.vision_features(),
+                "projected": s.project_vision(s.vision_features()),
+                "hidden": view.visual_hidden(),
+                "valid": view.visual_valid,
+            }
+        )
         return Selection.from_mask(torch.arange(view.visual_valid.shape[1]).unsqueeze(0) < keep.unsqueeze(1))
 
 
@@ -88,8 +101,10 @@ def test_vision_signals_equal_the_eager_attention_maps(attn):
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     got = RECORDED[0]
     keys = {}
-    hooks = [layer.self_attn.k_proj.register_forward_hook(lambda m, a, out, i=i: keys.__setitem__(i, out))
-             for i, layer in enumerate(reference.model.vision_tower.encoder.layers)]
+    hooks = [
+        layer.self_attn.k_proj.register_forward_hook(lambda m, a, out, i=i: keys.__setitem__(i, out))
+        for i, layer in enumerate(reference.model.vision_tower.encoder.layers)
+    ]
     with torch.no_grad():
         out = reference.model.vision_tower(inputs["pixel_values"], output_attentions=True, output_hidden_states=True)
     for h in hooks:
@@ -103,7 +118,9 @@ def test_vision_signals_equal_the_eager_attention_maps(attn):
     for layer, index in ((0, 0), (-2, 0)):
         k = keys[index][:, 1:]
         torch.testing.assert_close(got[("keys", layer, "concat")], k, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(got[("keys", layer, "mean")], k.view(*k.shape[:2], heads, -1).mean(2), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            got[("keys", layer, "mean")], k.view(*k.shape[:2], heads, -1).mean(2), atol=1e-5, rtol=1e-5
+        )
     torch.testing.assert_close(got["features"], out.hidden_states[-2][:, 1:], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["projected"], got["hidden"], atol=1e-5, rtol=1e-5)  # = what the LLM receives
 
@@ -128,8 +145,9 @@ def test_preset_in_generate_shows_the_preset_counts(name):
 
 
 # the 64-token presets and the composition in the default suite, the rest with -m slow
-BATCH_CASES = [n if n.endswith("_64") or n == "visionzip_pio" else pytest.param(n, marks=pytest.mark.slow)
-               for n in PRESETS]
+BATCH_CASES = [
+    n if n.endswith("_64") or n == "visionzip_pio" else pytest.param(n, marks=pytest.mark.slow) for n in PRESETS
+]
 
 
 @pytest.mark.parametrize("name", BATCH_CASES)
@@ -141,7 +159,7 @@ def test_preset_batch_equals_single_runs(name):
         single = llava_inputs([prompt], seed=i)
         s_seq, s_logits, s_trace = generate(model, single, tiny_plan(name))
         pad = width - single["input_ids"].shape[1]
-        assert seq[i, width:].tolist() == s_seq[0, single["input_ids"].shape[1]:].tolist()
+        assert seq[i, width:].tolist() == s_seq[0, single["input_ids"].shape[1] :].tolist()
         torch.testing.assert_close(logits[i], s_logits[0], atol=1e-4, rtol=1e-4)
         for st, s_st in zip(trace.stages, s_trace.stages):
             assert st.kept[i] == [p + pad for p in s_st.kept[0]]
@@ -212,9 +230,19 @@ def test_visionzip_contextual_tokens_enter_the_first_layer():
 # -- composition and refusals ------------------------------------------------------------------------------
 def test_composition_from_command_line_overrides(tmp_path):
     out = tmp_path / "run"
-    args = ["run", "plan=visionzip_pio", "plan.stages.0.keep=8", "plan.stages.0.selector.contextual=2",
-            "plan.stages.1.layer=2", "plan.stages.1.keep=4", "model=tiny_llava", "model.text_layers=4", "model.image_size=56",
-            "run.max_new_tokens=2", f"out_dir={out}"]
+    args = [
+        "run",
+        "plan=visionzip_pio",
+        "plan.stages.0.keep=8",
+        "plan.stages.0.selector.contextual=2",
+        "plan.stages.1.layer=2",
+        "plan.stages.1.keep=4",
+        "model=tiny_llava",
+        "model.text_layers=4",
+        "model.image_size=56",
+        "run.max_new_tokens=2",
+        f"out_dir={out}",
+    ]
     assert main(args) == 0
     results = json.loads((out / "results.json").read_text())
     assert results["trace"]["visual_per_layer"] == [[8, 8, 4, 4]]
@@ -224,7 +252,9 @@ def test_vision_hooks_are_removed_on_detach():
     model = build_tiny("llava")
     tower = model.model.vision_tower
     before = len(tower._forward_pre_hooks) + sum(len(layer._forward_pre_hooks) for layer in tower.encoder.layers)
-    with tokenreduce.apply(model, {"stages": [{"layer": 0, "keep": 4, "scorer": "vision_cls", "selector": "visionzip"}]}):
+    with tokenreduce.apply(
+        model, {"stages": [{"layer": 0, "keep": 4, "scorer": "vision_cls", "selector": "visionzip"}]}
+    ):
         during = len(tower._forward_pre_hooks) + sum(len(layer._forward_pre_hooks) for layer in tower.encoder.layers)
     after = len(tower._forward_pre_hooks) + sum(len(layer._forward_pre_hooks) for layer in tower.encoder.layers)
     assert during > before == after

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import oracle_generate
 
 import tokenreduce
-from oracle import oracle_generate
 from tokenreduce.testing.tiny import IMAGE_TOKEN_ID, build_tiny, make_inputs
 
 PROMPT = "USER: <image> what color is the shape? ASSISTANT:"
@@ -21,7 +21,9 @@ def model(request):
 
 
 def our_hooks(model) -> int:
-    return len(model._forward_pre_hooks) + sum(len(layer._forward_pre_hooks) for layer in model.model.language_model.layers)
+    return len(model._forward_pre_hooks) + sum(
+        len(layer._forward_pre_hooks) for layer in model.model.language_model.layers
+    )
 
 
 def generate(model, inputs, **kw):
@@ -38,8 +40,14 @@ def oracle_stages(trace, input_ids, policies):
 
 
 # -- keep-all identity -----------------------------------------------------------------------------
-@pytest.mark.parametrize("plan", ["keep_all", {"stages": [{"layer": 0, "keep": 10_000, "selector": "random"}]},
-                                  {"positions": "renumber", "stages": [{"layer": 2, "keep": {"ratio": 1.0}, "selector": "uniform"}]}])
+@pytest.mark.parametrize(
+    "plan",
+    [
+        "keep_all",
+        {"stages": [{"layer": 0, "keep": 10_000, "selector": "random"}]},
+        {"positions": "renumber", "stages": [{"layer": 2, "keep": {"ratio": 1.0}, "selector": "uniform"}]},
+    ],
+)
 def test_keep_all_is_identity(model, plan):
     inputs = make_inputs("llava", [PROMPT, SHORT])
     ref_seq, ref_logits = generate(model, inputs)
@@ -82,21 +90,23 @@ def test_pruned_generate_equals_oracle(model, case, policy):
     assert all(st.visual_after[0] < st.visual_before[0] for st in trace.stages)
     stages = oracle_stages(trace, inputs["input_ids"], [policy] * len(trace.stages))
     tokens, ref_logits = oracle_generate(model, inputs["input_ids"], inputs["pixel_values"], stages, STEPS)
-    assert seq[0, inputs["input_ids"].shape[1]:].tolist() == tokens
+    assert seq[0, inputs["input_ids"].shape[1] :].tolist() == tokens
     torch.testing.assert_close(logits[0], ref_logits, atol=1e-5, rtol=0)
 
 
 def test_mixed_position_policies_equal_oracle(model):
     inputs = make_inputs("llava", [PROMPT])
-    plan = {"stages": [
-        {"layer": 1, "keep": 10, "selector": {"name": "random", "seed": 5}, "positions": "renumber"},
-        {"layer": 3, "keep": 5, "selector": {"name": "random", "seed": 6}, "positions": "keep"},
-    ]}
+    plan = {
+        "stages": [
+            {"layer": 1, "keep": 10, "selector": {"name": "random", "seed": 5}, "positions": "renumber"},
+            {"layer": 3, "keep": 5, "selector": {"name": "random", "seed": 6}, "positions": "keep"},
+        ]
+    }
     with tokenreduce.apply(model, plan) as att:
         seq, logits = generate(model, inputs)
     stages = oracle_stages(att.trace, inputs["input_ids"], ["renumber", "keep"])
     tokens, ref_logits = oracle_generate(model, inputs["input_ids"], inputs["pixel_values"], stages, STEPS)
-    assert seq[0, inputs["input_ids"].shape[1]:].tolist() == tokens
+    assert seq[0, inputs["input_ids"].shape[1] :].tolist() == tokens
     torch.testing.assert_close(logits[0], ref_logits, atol=1e-5, rtol=0)
 
 
@@ -113,10 +123,13 @@ def test_pruning_changes_the_output(model):
 @pytest.mark.parametrize("policy", ["keep", "renumber"])
 @pytest.mark.parametrize("first_layer", [0, 2])
 def test_padded_batch_equals_single_runs(model, policy, first_layer):
-    plan = {"positions": policy, "stages": [
-        {"layer": first_layer, "keep": 8, "selector": "uniform"},
-        {"layer": 3, "keep": 3, "scorer": "norm", "selector": "topk"},
-    ]}
+    plan = {
+        "positions": policy,
+        "stages": [
+            {"layer": first_layer, "keep": 8, "selector": "uniform"},
+            {"layer": 3, "keep": 3, "scorer": "norm", "selector": "topk"},
+        ],
+    }
     prompts = [PROMPT, SHORT]
     batch = make_inputs("llava", prompts)
     with tokenreduce.apply(model, plan) as att:
@@ -129,7 +142,7 @@ def test_padded_batch_equals_single_runs(model, policy, first_layer):
     width = batch["input_ids"].shape[1]
     for i, (single, (s_seq, s_logits), s_trace) in enumerate(singles):
         pad = width - single["input_ids"].shape[1]
-        assert seq[i, width:].tolist() == s_seq[0, single["input_ids"].shape[1]:].tolist()
+        assert seq[i, width:].tolist() == s_seq[0, single["input_ids"].shape[1] :].tolist()
         torch.testing.assert_close(logits[i], s_logits[0], atol=1e-5, rtol=1e-5)
         for st, s_st in zip(trace.stages, s_trace.stages):
             assert st.kept[i] == [p + pad for p in s_st.kept[0]]
@@ -193,8 +206,10 @@ BAD_PLANS = {
     "unknown strategy": ({"stages": [{"layer": 1, "keep": 4, "selector": "nope"}]}, "known selectors"),
     "keep zero": ({"stages": [{"layer": 1, "keep": 0, "selector": "random"}]}, "stages.0.keep"),
     "cut beyond depth": ({"stages": [{"layer": 4, "keep": 4, "selector": "random"}]}, "0..3"),
-    "layers not increasing": ({"stages": [{"layer": 2, "keep": 4, "selector": "random"},
-                                          {"layer": 2, "keep": 2, "selector": "random"}]}, "strictly increasing"),
+    "layers not increasing": (
+        {"stages": [{"layer": 2, "keep": 4, "selector": "random"}, {"layer": 2, "keep": 2, "selector": "random"}]},
+        "strictly increasing",
+    ),
     "unknown preset": ("no_such_preset", "known presets"),
 }
 
@@ -211,18 +226,29 @@ def test_bad_plans_fail_before_touching_the_model(model, name):
 def test_model_type_without_adapter():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    llm = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                       num_attention_heads=2, num_key_value_heads=2))
+    llm = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
     with pytest.raises(tokenreduce.UnsupportedModelError, match="supported model types: llava"):
         tokenreduce.apply(llm, "demo")
     assert not llm._forward_pre_hooks
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"labels": "ids"}, "labels"),
-    ({"output_hidden_states": True}, "output_hidden_states"),
-    ({"output_attentions": True}, "output_attentions"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"labels": "ids"}, "labels"),
+        ({"output_hidden_states": True}, "output_hidden_states"),
+        ({"output_attentions": True}, "output_attentions"),
+    ],
+)
 def test_unsupported_forward_arguments_are_refused(model, kwargs, message):
     inputs = make_inputs("llava", [PROMPT])
     kwargs = {k: inputs["input_ids"] if v == "ids" else v for k, v in kwargs.items()}

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import oracle_generate
 
 import tokenreduce
-from oracle import oracle_generate
-from tokenreduce.core.errors import PlanError, UnsupportedCallError
+from tokenreduce.core.errors import PlanError
 from tokenreduce.testing.tiny import build_tiny, make_inputs
 
 PROMPT = "USER: <image> what color is the shape? ASSISTANT:"
@@ -22,7 +22,9 @@ KINDS = ["llava_next", "qwen2_5_vl"]
 BATCH_ATOL = 3e-5  # batch vs single runs: float accumulation order differs with padding
 
 
-@pytest.fixture(scope="module", params=[(k, a) for k in KINDS for a in ("sdpa", "eager")], ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(
+    scope="module", params=[(k, a) for k in KINDS for a in ("sdpa", "eager")], ids=lambda p: f"{p[0]}-{p[1]}"
+)
 def model(request):
     kind, attn = request.param
     m = build_tiny(kind, attn_implementation=attn)
@@ -38,7 +40,9 @@ def media_mask(model, input_ids):
 
 
 def generate(model, inputs, steps=STEPS):
-    out = model.generate(**inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        **inputs, max_new_tokens=steps, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
     return out.sequences, torch.stack(out.logits, 1)  # [B, S+T], [B, T, V]
 
 
@@ -111,10 +115,12 @@ def test_pruned_generate_equals_oracle(model, case, policy):
 
 def test_mixed_policies_equal_oracle(model):
     inputs = inputs_for(model)
-    plan = {"stages": [
-        {"layer": 1, "keep": {"ratio": 0.5}, "selector": {"name": "random", "seed": 5}, "positions": "renumber"},
-        {"layer": 3, "keep": {"ratio": 0.5}, "selector": {"name": "random", "seed": 6}, "positions": "keep"},
-    ]}
+    plan = {
+        "stages": [
+            {"layer": 1, "keep": {"ratio": 0.5}, "selector": {"name": "random", "seed": 5}, "positions": "renumber"},
+            {"layer": 3, "keep": {"ratio": 0.5}, "selector": {"name": "random", "seed": 6}, "positions": "keep"},
+        ]
+    }
     with tokenreduce.apply(model, plan) as att:
         seq, logits = generate(model, inputs)
     tokens, ref_logits = oracle_for(model, inputs, att, ["renumber", "keep"])
@@ -149,10 +155,13 @@ def test_detach_restores_bit_identical_outputs(model):
 @pytest.mark.parametrize("first_layer", [0, 2])
 def test_ragged_batch_of_three_equals_single_runs(model, policy, first_layer):
     """Different image sizes -> different visual counts -> different keep counts per sample."""
-    plan = {"positions": policy, "stages": [
-        {"layer": first_layer, "keep": {"ratio": 0.5}, "selector": "uniform"},
-        {"layer": 3, "keep": {"ratio": 0.25, "of": "original"}, "scorer": "norm", "selector": "topk"},
-    ]}
+    plan = {
+        "positions": policy,
+        "stages": [
+            {"layer": first_layer, "keep": {"ratio": 0.5}, "selector": "uniform"},
+            {"layer": 3, "keep": {"ratio": 0.25, "of": "original"}, "scorer": "norm", "selector": "topk"},
+        ],
+    }
     prompts = [PROMPT, SHORT, "USER: <image> is there a circle in the image? ASSISTANT:"]
     batch = inputs_for(model, prompts, SIZES)
     assert bool((batch["attention_mask"] == 0).any())  # left padding present
@@ -176,7 +185,9 @@ def test_ragged_batch_of_three_equals_single_runs(model, policy, first_layer):
 @pytest.mark.parametrize("policy", ["keep", "renumber"])
 def test_two_images_in_one_prompt(model, policy):
     inputs = inputs_for(model, [TWO], SIZES[:2])
-    per_image = [int(media_mask(model, make_inputs(model.kind, [PROMPT], image_sizes=[s])["input_ids"]).sum()) for s in SIZES[:2]]
+    per_image = [
+        int(media_mask(model, make_inputs(model.kind, [PROMPT], image_sizes=[s])["input_ids"]).sum()) for s in SIZES[:2]
+    ]
     plan = {"positions": policy, "stages": [{"layer": 1, "keep": {"ratio": 0.5}, "selector": "uniform"}]}
     with tokenreduce.apply(model, plan) as att:
         seq, logits = generate(model, inputs)
@@ -218,11 +229,14 @@ def test_every_strategy_runs_in_generate(model, name):
 def test_pio_three_stages_in_generate_equals_oracle(model):
     inputs = inputs_for(model)
     pio = {"scorer": {"name": "pio", "loss_positions": 4}, "selector": "nms"}
-    plan = {"positions": "renumber" if model.kind == "llava_next" else "keep", "stages": [
-        {"layer": 1, "keep": {"ratio": 0.6}, **pio},
-        {"layer": 2, "keep": {"ratio": 0.5}, **pio},
-        {"layer": 3, "keep": {"ratio": 0.5}, **pio},
-    ]}
+    plan = {
+        "positions": "renumber" if model.kind == "llava_next" else "keep",
+        "stages": [
+            {"layer": 1, "keep": {"ratio": 0.6}, **pio},
+            {"layer": 2, "keep": {"ratio": 0.5}, **pio},
+            {"layer": 3, "keep": {"ratio": 0.5}, **pio},
+        ],
+    }
     with tokenreduce.apply(model, plan) as att:
         seq, logits = generate(model, inputs)
     counts = [st.visual_after[0] for st in att.trace.stages]

@@ -6,12 +6,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from oracle import oracle_generate
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
 import tokenreduce
-from oracle import oracle_generate
 from tokenreduce.core.errors import PlanError
-from tokenreduce.testing.tiny import VIDEO_PAD_TOKEN_ID, VISION_END_TOKEN_ID, VISION_START_TOKEN_ID, build_tiny, make_inputs, make_tokenizer
+from tokenreduce.testing.tiny import (
+    VIDEO_PAD_TOKEN_ID,
+    VISION_END_TOKEN_ID,
+    VISION_START_TOKEN_ID,
+    build_tiny,
+    make_inputs,
+    make_tokenizer,
+)
 
 PROMPT = "USER: <image> what color is the shape? ASSISTANT:"
 SIZES = [(100, 80), (60, 120), (56, 56), (112, 57)]
@@ -31,7 +38,9 @@ def reference_anyres(image_size_hw, config):
     """(panel, row, col, newline) per token from the image size, the way the model packs them."""
     side = config.vision_config.image_size // config.vision_config.patch_size
     rows = [(0, r, c, 0) for r in range(side) for c in range(side)]
-    n_h, n_w = get_anyres_image_grid_shape(list(image_size_hw), config.image_grid_pinpoints, config.vision_config.image_size)
+    n_h, n_w = get_anyres_image_grid_shape(
+        list(image_size_hw), config.image_grid_pinpoints, config.vision_config.image_size
+    )
     _, h, w = unpad_image(torch.empty(1, n_h * side, n_w * side), torch.tensor(image_size_hw)).shape
     rows += [(1, r, c, int(c == w)) for r in range(h) for c in range(w + 1)]
     return rows
@@ -56,10 +65,13 @@ def test_next_grid_and_newlines_match_transformers_layout(next_model):
 def test_keep_newlines_keeps_every_newline_token(next_model):
     inputs = make_inputs("llava_next", [PROMPT, PROMPT], image_sizes=SIZES[:2])
     sizes = inputs["image_sizes"].tolist()
-    plan = {"adapter": {"keep_newlines": True}, "stages": [
-        {"layer": 1, "keep": {"ratio": 0.3}, "selector": "uniform"},
-        {"layer": 3, "keep": 2, "scorer": "norm", "selector": "topk"},
-    ]}
+    plan = {
+        "adapter": {"keep_newlines": True},
+        "stages": [
+            {"layer": 1, "keep": {"ratio": 0.3}, "selector": "uniform"},
+            {"layer": 3, "keep": 2, "scorer": "norm", "selector": "topk"},
+        ],
+    }
     with tokenreduce.apply(next_model, plan) as att:
         next_model.generate(**inputs, max_new_tokens=2, do_sample=False)
     media = inputs["input_ids"] == next_model.config.image_token_id
@@ -84,10 +96,16 @@ def test_without_keep_newlines_the_whole_span_is_the_candidate_set(next_model):
 
 
 def test_adapter_options_are_validated(next_model, qwen_model):
-    with pytest.raises(PlanError, match=r"adapter\.keep_newline: unknown key 'keep_newline'; allowed keys: keep_newlines"):
-        tokenreduce.apply(next_model, {"adapter": {"keep_newline": True}, "stages": [{"layer": 1, "keep": 2, "selector": "random"}]})
+    with pytest.raises(
+        PlanError, match=r"adapter\.keep_newline: unknown key 'keep_newline'; allowed keys: keep_newlines"
+    ):
+        tokenreduce.apply(
+            next_model, {"adapter": {"keep_newline": True}, "stages": [{"layer": 1, "keep": 2, "selector": "random"}]}
+        )
     with pytest.raises(PlanError, match="the Qwen2_5_VLAdapter adapter takes no options"):
-        tokenreduce.apply(qwen_model, {"adapter": {"keep_newlines": True}, "stages": [{"layer": 1, "keep": 2, "selector": "random"}]})
+        tokenreduce.apply(
+            qwen_model, {"adapter": {"keep_newlines": True}, "stages": [{"layer": 1, "keep": 2, "selector": "random"}]}
+        )
 
 
 def test_qwen_grid_matches_image_grid_thw(qwen_model):
@@ -98,7 +116,12 @@ def test_qwen_grid_matches_image_grid_thw(qwen_model):
     merge = qwen_model.config.vision_config.spatial_merge_size
     thw = inputs["image_grid_thw"].tolist()
     for b, images in enumerate([[0], [1, 2]]):
-        want = [(k, r, c) for k, i in enumerate(images) for r in range(thw[i][1] // merge) for c in range(thw[i][2] // merge)]
+        want = [
+            (k, r, c)
+            for k, i in enumerate(images)
+            for r in range(thw[i][1] // merge)
+            for c in range(thw[i][2] // merge)
+        ]
         assert [tuple(x) for x in grid[b][att.candidate_mask[b]].tolist()] == want
 
 
@@ -115,11 +138,18 @@ def test_qwen_video_tokens_are_visual_candidates(qwen_model, policy):
     types = torch.zeros_like(ids)
     types[ids == VIDEO_PAD_TOKEN_ID] = 2
     pixels = torch.randn(t * h * w, 1176, generator=torch.Generator().manual_seed(0))
-    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "mm_token_type_ids": types,
-              "pixel_values_videos": pixels, "video_grid_thw": torch.tensor([[t, h, w]])}
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": types,
+        "pixel_values_videos": pixels,
+        "video_grid_thw": torch.tensor([[t, h, w]]),
+    }
     plan = {"positions": policy, "stages": [{"layer": 1, "keep": 5, "selector": "uniform"}]}
     with tokenreduce.apply(qwen_model, plan) as att:
-        out = qwen_model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        out = qwen_model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         grid = att.visual_grid()
     assert att.trace.original_visual == [n] and att.trace.stages[0].visual_after == [5]
     assert grid[0][att.candidate_mask[0]][:, 0].tolist() == [0] * 6 + [1] * 6
@@ -133,8 +163,8 @@ def test_qwen_video_tokens_are_visual_candidates(qwen_model, policy):
 
 def test_missing_signal_fails_at_build_time_with_the_reason(qwen_model):
     from pydantic import BaseModel
-
     from registry_helpers import registry_with
+
     from tokenreduce.core.types import Need
 
     class ClsScorer:

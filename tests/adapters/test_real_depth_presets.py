@@ -4,7 +4,6 @@ depth (28 / 32 decoder layers), with the keep counts the plan arithmetic promise
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tokenreduce
 from tokenreduce.core.presets import load_preset

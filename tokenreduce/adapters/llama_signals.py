@@ -4,7 +4,7 @@ Everything here reads a layer's own modules (``input_layernorm``, ``q_proj``/``k
 ``v_proj``/``o_proj``, ``post_attention_layernorm``, ``mlp``) and the rotary tables the model
 computed, so it works whatever attention implementation the model runs (sdpa, eager,
 flash-attention) and never asks the model for ``output_attentions``.  Only the requested query
-rows are computed: ``Q x S`` scores, never ``S x S`` (design.md §5).
+rows are computed: ``Q x S`` scores, never ``S x S``.
 
 Grouped-query attention is handled by folding the query heads of a key/value group into the
 row dimension (``[B, H_kv, G*Q, hd]``), so keys and values are never repeated per head.
@@ -22,7 +22,7 @@ outside inference mode) and differentiate with ``torch.autograd.grad(loss, hidde
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -99,9 +99,10 @@ class LlamaSignals:
     def _resolve(self, layer_offset: int):
         if layer_offset not in (0, -1):
             raise ValueError(f"layer_offset must be 0 (cut layer) or -1 (the layer before it); got {layer_offset}")
-        if self._inputs[layer_offset] is None:
+        inputs = self._inputs[layer_offset]
+        if inputs is None:
             raise ValueError(f"no layer before the cut at layer {self._layer} (layer_offset=-1 needs K >= 1)")
-        hidden, kwargs = self._inputs[layer_offset]
+        hidden, kwargs = inputs
         return self._layers[self._layer + layer_offset], hidden, kwargs
 
     @staticmethod

@@ -7,8 +7,8 @@ vision tower to eager attention and ask for ``output_attentions``.  We do not: f
 pre-hooks on the chosen CLIP encoder layers keep a reference to each layer's **input**
 (``[I, 1 + P, d_v]`` for ``I`` images of ``P`` patches), and the needed rows are recomputed
 from the layer's own ``layer_norm1`` and ``q_proj``/``k_proj``: one CLS query row against the
-``1 + P`` keys per image and head, never a ``(1+P) x (1+P)`` matrix (design.md §5, as FastV's
-rows in the LLM).  The tower keeps running whatever attention implementation it was loaded
+``1 + P`` keys per image and head, never a ``(1+P) x (1+P)`` matrix (as FastV's rows in the
+LLM).  The tower keeps running whatever attention implementation it was loaded
 with (sdpa, flash-attention).
 
 Timing: ``generate()`` (transformers 5.x) runs the vision tower *before* the top-level forward
@@ -38,8 +38,9 @@ of the last layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -147,10 +148,12 @@ class VisionSignals:
         flat = first.unsqueeze(1) + torch.arange(n, device=valid.device).unsqueeze(0)  # [B, N]
         self.flat = torch.where(valid, flat, torch.zeros_like(flat))
 
-    def _layer_input(self, layer: int) -> tuple[torch.nn.Module, Tensor]:
+    def _layer_input(self, layer: int) -> tuple[Any, Tensor]:
         i = resolve_vision_layer(layer, self.tower.n_layers)
         if i not in self.inputs:
-            raise RuntimeError(f"vision layer {layer} (encoder layer {i}) was not captured; captured: {sorted(self.inputs)}")
+            raise RuntimeError(
+                f"vision layer {layer} (encoder layer {i}) was not captured; captured: {sorted(self.inputs)}"
+            )
         return self.tower.layers[i], self.inputs[i]
 
     def _to_candidates(self, per_patch: Tensor) -> Tensor:
@@ -238,5 +241,10 @@ def clip_tower(model, *, name: str) -> VisionTower:
         )
     vc = cfg.vision_config
     patches = (vc.image_size // vc.patch_size) ** 2
-    return VisionTower(tower=tower, layers=layers, projector=model.model.multi_modal_projector,
-                       feature_input_layer=index, patches=patches)
+    return VisionTower(
+        tower=tower,
+        layers=layers,
+        projector=model.model.multi_modal_projector,
+        feature_input_layer=index,
+        patches=patches,
+    )

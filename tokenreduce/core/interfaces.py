@@ -1,12 +1,10 @@
-"""The three interfaces every strategy and adapter implements (structural ``Protocol``s).
-
-A component is a class with a pydantic ``Settings`` model (``extra="forbid"``) and a constructor
-taking one instance of it.  The registry binds a name to the class; plans refer to the name.
+"""The interfaces every strategy and adapter implements.
 
 * :class:`Scorer` turns a :class:`~tokenreduce.core.types.TokenView` into one float per visual
-  candidate (higher = more worth keeping).
-* :class:`Selector` turns scores (or nothing) and a per-sample keep count into a
-  :class:`~tokenreduce.core.types.Selection`.
+  candidate (higher = more worth keeping); :class:`Selector` turns scores (or nothing) and a
+  per-sample keep count into a :class:`~tokenreduce.core.types.Selection`.  Both are base
+  classes declared in :mod:`tokenreduce.core.strategy` (settings as fields, hooks with
+  defaults) and re-exported here; the registry binds a name to each class.
 * :class:`ModelAdapter` attaches a compiled plan to a model and detaches it again.
 """
 
@@ -17,45 +15,12 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 from pydantic import BaseModel
 from torch import Tensor
 
-from .types import Need, Selection, TokenView
+from .strategy import Scorer as Scorer  # re-exported: the strategy contract
+from .strategy import Selector as Selector
+from .types import Need
 
 if TYPE_CHECKING:  # pragma: no cover
     from .plan import CompiledPlan
-
-
-@runtime_checkable
-class Scorer(Protocol):
-    """Scores visual candidates.
-
-    ``score`` returns ``[B, N]`` float32 scores, higher = keep.  Values at invalid candidates
-    (``view.visual_valid`` False) are ignored by selectors.
-    """
-
-    Settings: ClassVar[type[BaseModel]]
-    needs: ClassVar[Need]
-
-    def __init__(self, settings: Any) -> None: ...
-
-    def score(self, view: TokenView) -> Tensor: ...
-
-
-@runtime_checkable
-class Selector(Protocol):
-    """Chooses which visual candidates survive a cut.
-
-    ``select(view, scores, keep)``: ``scores`` is ``[B, N]`` float32 or None (when the selector
-    declares ``needs_scores = False`` and the stage has no scorer); ``keep`` is ``[B]`` long with
-    ``1 <= keep[b] <= n_visual[b]`` (or 0 for a sample without visual tokens).  Returns exactly
-    ``keep[b]`` ascending candidate indices per sample.
-    """
-
-    Settings: ClassVar[type[BaseModel]]
-    needs: ClassVar[Need]
-    needs_scores: ClassVar[bool]
-
-    def __init__(self, settings: Any) -> None: ...
-
-    def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection: ...
 
 
 @runtime_checkable
@@ -63,25 +28,45 @@ class Attachment(Protocol):
     """A live attachment of a plan to a model; a context manager.
 
     ``trace`` records the last prefill.  ``detach()`` (also called on ``__exit__``) removes every
-    hook, after which the model's outputs are bit-identical to before.
+    hook, after which the model's outputs are bit-identical to before; it is idempotent.
+    ``candidate_mask`` (``[B, S]`` bool), ``visual_grid()`` (``[B, S, 3]``) and
+    ``visual_layout()`` describe the last prefill's visual candidates.  The built-in
+    implementation: ``tokenreduce.adapters.cut.CutAttachment`` (``docs/cut.md``).
     """
 
     trace: Any
 
+    @property
+    def attached(self) -> bool: ...
+
+    @property
+    def candidate_mask(self) -> Tensor | None: ...
+
+    def visual_grid(self) -> Tensor: ...
+
+    def visual_layout(self) -> tuple[Tensor, Tensor]: ...
+
     def detach(self) -> None: ...
 
-    def __enter__(self) -> "Attachment": ...
+    def __enter__(self) -> Attachment: ...
 
     def __exit__(self, *exc: object) -> None: ...
 
 
 @runtime_checkable
 class ModelAdapter(Protocol):
-    """Everything architecture-specific: where visual tokens are, positions, masks, KV cache,
-    and how to compute signals.  Selected by ``model.config.model_type``."""
+    """What the registry, plan building and :func:`tokenreduce.apply` ask of an adapter *class*
+    (selected by ``model.config.model_type``); ``isinstance(cls, ModelAdapter)`` checks it.
+
+    ``provides`` lists the signals it supplies, ``missing_reasons`` why a lacking one is missing,
+    ``Settings`` its options (``Plan.adapter``; None: none).  The built-in base class is
+    ``tokenreduce.adapters.cut.DecoderAdapter``; see ``docs/writing-an-adapter.md``.
+    """
 
     model_types: ClassVar[tuple[str, ...]]
     provides: ClassVar[Need]
+    missing_reasons: ClassVar[dict[Need, str]]
+    Settings: ClassVar[type[BaseModel] | None]
 
     @classmethod
     def num_layers(cls, model: Any) -> int:
@@ -89,4 +74,6 @@ class ModelAdapter(Protocol):
         ...
 
     @classmethod
-    def attach(cls, model: Any, plan: "CompiledPlan") -> Attachment: ...
+    def attach(cls, model: Any, plan: CompiledPlan) -> Attachment:
+        """Attach a compiled plan; returns the attachment."""
+        ...

@@ -13,14 +13,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from tokenreduce.core.errors import UnsupportedModelError
-from tokenreduce.core.plan import CompiledPlan
 from tokenreduce.core.types import Need
 
-from ..decoder_cut import ArchHandles, CutAttachment
+from ..cut import DecoderAdapter
 from ..llama_signals import LlamaSignals
-from ..llama_family import check_llama_family, generate_position_ids, image_token_id
-from ..vision_signals import clip_tower
+from ..vision_signals import VisionTower, clip_tower
 
 
 def square_grid(input_ids: Tensor, visual: Tensor, tokens_per_image: int) -> Tensor:
@@ -33,38 +30,22 @@ def square_grid(input_ids: Tensor, visual: Tensor, tokens_per_image: int) -> Ten
     return torch.stack([image, offset // side, offset % side], dim=-1)
 
 
-class LlavaAdapter:
+class LlavaAdapter(DecoderAdapter):
     """LLaVA-1.5: CLIP vision tower + projector + Llama language model."""
 
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
     #: vision-tower signals (CLS attention, keys at a CLIP layer, the projector's input features)
-    #: are recomputed from captured CLIP layer inputs (:mod:`.vision_signals`)
+    #: are recomputed from captured CLIP layer inputs (:mod:`..vision_signals`)
     provides: ClassVar[Need] = (
         LlamaSignals.provides | Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
     )
 
-    @classmethod
-    def num_layers(cls, model) -> int:
-        return int(model.config.text_config.num_hidden_layers)
+    def __init__(self, model, settings=None) -> None:
+        super().__init__(model, settings)
+        self.tokens_per_image = int(getattr(model.config, "image_seq_length", 0) or 576)
 
-    @classmethod
-    def handles(cls, model) -> ArchHandles:
-        decoder = model.model.language_model
-        check_llama_family(decoder, "llava")
-        token = image_token_id(model.config)
-        per_image = int(getattr(model.config, "image_seq_length", 0) or 576)
-        return ArchHandles(
-            top=model,
-            decoder=decoder,
-            lm_head=model.lm_head,
-            visual_mask=lambda ids, kwargs: ids == token,
-            visual_grid=lambda ids, vis, kwargs: square_grid(ids, vis, per_image),
-            attn_implementation=decoder.config._attn_implementation,
-            name="llava",
-            decode_position_ids=generate_position_ids,
-            vision=lambda: clip_tower(model, name="llava"),
-        )
+    def visual_grid(self, ids: Tensor, visual: Tensor, context: dict) -> Tensor:
+        return square_grid(ids, visual, self.tokens_per_image)
 
-    @classmethod
-    def attach(cls, model, plan: CompiledPlan) -> CutAttachment:
-        return CutAttachment(cls.handles(model), plan)
+    def vision_tower(self) -> VisionTower:
+        return clip_tower(self.model, name=self.name)

@@ -9,7 +9,7 @@ Candidate set: the **whole anyres span** (base + crops + newline tokens), with `
 sample's actual count, which depends on the image size, so samples of one batch differ (ragged
 batches are handled by the cut).  The official PIO-FVLM code caps the candidate span at its
 first ``image_token_list[0]`` = 576 tokens, i.e. the base image only, and passes every crop
-and newline token through as if it were text (pio-spec §3.3); we do not copy that defect.
+and newline token through as if it were text; we do not copy that defect.
 
 Option ``keep_newlines`` (plan ``adapter: {keep_newlines: true}``): the newline tokens are not
 candidates and always survive, as the official encoder-side reducer does for NeXT; budgets then
@@ -28,13 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
 from tokenreduce.core.errors import UnsupportedModelError
-from tokenreduce.core.plan import CompiledPlan
 from tokenreduce.core.types import Need
 
-from ..decoder_cut import ArchHandles, CutAttachment
+from ..cut import DecoderAdapter
 from ..layout import runs
 from ..llama_signals import LlamaSignals
-from ..llama_family import check_llama_family, generate_position_ids, image_token_id
 
 
 def anyres_grid(media: Tensor, newline: Tensor, config) -> Tensor:
@@ -77,7 +75,7 @@ class LlavaNextSettings(BaseModel):
     )
 
 
-class LlavaNextAdapter:
+class LlavaNextAdapter(DecoderAdapter):
     """LLaVA-NeXT: CLIP vision tower on anyres crops + projector + Llama/Vicuna/Mistral decoder."""
 
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
@@ -87,46 +85,27 @@ class LlavaNextAdapter:
         "unpadded crops + newline tokens); encoder-side methods run on LLaVA-1.5"
         for flag in (Need.VISION_CLS_ATTENTION, Need.VISION_KEYS, Need.VISION_FEATURES)
     }
-    Settings: ClassVar[type[BaseModel]] = LlavaNextSettings
+    Settings: ClassVar[type[BaseModel] | None] = LlavaNextSettings
+    settings: LlavaNextSettings
 
-    @classmethod
-    def num_layers(cls, model) -> int:
-        return int(model.config.text_config.num_hidden_layers)
+    def __init__(self, model, settings: LlavaNextSettings | None = None) -> None:
+        super().__init__(model, settings)
+        self.newline_vector = getattr(model.model, "image_newline", None)
 
-    @classmethod
-    def handles(cls, model, settings: LlavaNextSettings | None = None) -> ArchHandles:
-        settings = settings or LlavaNextSettings()
-        decoder = model.model.language_model
-        check_llama_family(decoder, "llava_next")
-        token = image_token_id(model.config)
+    def visual_mask(self, ids: Tensor, context: dict) -> Tensor:
+        """The anyres span; without the ``image_newline`` tokens under ``keep_newlines``.  Stashes
+        the newline tokens (recognised by their input embedding) in ``context["newline"]``."""
+        media = self.is_media_token(ids)
+        embeds = context.get("inputs_embeds")
+        if self.newline_vector is not None and embeds is not None:
+            newline = media & (embeds == self.newline_vector.to(embeds.dtype)).all(-1)
+        else:
+            newline = torch.zeros_like(media)
+        context["newline"] = newline
+        return media & ~newline if self.settings.keep_newlines else media
 
-        newline_vector = getattr(model.model, "image_newline", None)
+    def visual_grid(self, ids: Tensor, visual: Tensor, context: dict) -> Tensor:
+        return anyres_grid(self.is_media_token(ids), context["newline"], self.model.config)
 
-        def visual_mask(ids: Tensor, context: dict) -> Tensor:
-            media = ids == token
-            embeds = context.get("inputs_embeds")
-            if newline_vector is not None and embeds is not None:
-                newline = media & (embeds == newline_vector.to(embeds.dtype)).all(-1)
-            else:
-                newline = torch.zeros_like(media)
-            context["newline"] = newline
-            return media & ~newline if settings.keep_newlines else media
-
-        def visual_grid(ids: Tensor, visual: Tensor, context: dict) -> Tensor:
-            return anyres_grid(ids == token, context["newline"], model.config)
-
-        return ArchHandles(
-            top=model,
-            decoder=decoder,
-            lm_head=model.lm_head,
-            visual_mask=visual_mask,
-            visual_grid=visual_grid,
-            attn_implementation=decoder.config._attn_implementation,
-            name="llava_next",
-            is_media_token=lambda ids: ids == token,
-            decode_position_ids=generate_position_ids,
-        )
-
-    @classmethod
-    def attach(cls, model, plan: CompiledPlan) -> CutAttachment:
-        return CutAttachment(cls.handles(model, plan.adapter_settings), plan)
+    def visual_newlines(self, context: dict) -> Tensor | None:
+        return context.get("newline")

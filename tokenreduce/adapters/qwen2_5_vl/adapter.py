@@ -3,9 +3,9 @@
 The language model (``model.model.language_model``) is a Qwen2 decoder with the Llama layer
 layout (q/k/v with biases) and 3-D multimodal RoPE (M-RoPE): every token carries a (temporal,
 height, width) position id; text tokens have three equal ids, visual tokens their grid
-coordinates offset by the text position of the image (pio-spec §7.2).
+coordinates offset by the text position of the image.
 
-What the cut does here (the generic mechanics are in :mod:`.decoder_cut`):
+What the cut does here (the generic mechanics are in :mod:`tokenreduce.adapters.cut`):
 
 * the visual candidates are the ``image_token_id`` tokens (every image of the prompt, dynamic
   resolution: each image has ``t*h*w / merge**2`` tokens) and the ``video_token_id`` tokens;
@@ -32,13 +32,12 @@ import torch
 from torch import Tensor
 
 from tokenreduce.core.errors import UnsupportedModelError
-from tokenreduce.core.plan import CompiledPlan
 from tokenreduce.core.types import Need
 
-from ..decoder_cut import ArchHandles, CutAttachment
+from ..cut import DecoderAdapter
 from ..layout import runs
+from ..llama_family import generate_position_ids
 from ..llama_signals import LlamaSignals
-from ..llama_family import check_llama_family, generate_position_ids
 
 
 def mrope_positions(position_ids: Tensor | None, b: int, q: int, past: int, device) -> Tensor:
@@ -77,7 +76,7 @@ def mrope_grid(media: Tensor, positions: Tensor) -> Tensor:
     return grid
 
 
-class Qwen2_5_VLAdapter:
+class Qwen2_5_VLAdapter(DecoderAdapter):
     """Qwen2.5-VL: windowed ViT with a 2x2 patch merger + Qwen2 decoder with M-RoPE."""
 
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
@@ -90,46 +89,32 @@ class Qwen2_5_VLAdapter:
         "so there are no per-token vision features before the projector to merge",
     }
 
-    @classmethod
-    def num_layers(cls, model) -> int:
-        return int(model.config.text_config.num_hidden_layers)
+    def __init__(self, model, settings=None) -> None:
+        super().__init__(model, settings)
+        self.video_token = int(model.config.video_token_id)
 
-    @classmethod
-    def handles(cls, model) -> ArchHandles:
-        decoder = model.model.language_model
-        check_llama_family(decoder, "qwen2_5_vl")
-        cfg = model.config
-        image_id, video_id = int(cfg.image_token_id), int(cfg.video_token_id)
-
-        def media(ids: Tensor) -> Tensor:
-            return (ids == image_id) | (ids == video_id)
-
-        def visual_grid(ids: Tensor, visual: Tensor, context: dict) -> Tensor:
-            return mrope_grid(media(ids), context["positions"])
-
-        def decode_position_ids(top, mask2d: Tensor, q: int) -> Tensor:
-            text = generate_position_ids(top, mask2d, q)  # [B, q]
-            deltas = getattr(top.model, "rope_deltas", None)
-            if deltas is not None:
-                text = text + deltas.to(text.device)
-            return text.unsqueeze(0).expand(3, -1, -1)
-
-        return ArchHandles(
-            top=model,
-            decoder=decoder,
-            lm_head=model.lm_head,
-            visual_mask=lambda ids, kwargs: media(ids),
-            visual_grid=visual_grid,
-            attn_implementation=decoder.config._attn_implementation,
-            name="qwen2_5_vl",
-            is_media_token=media,
-            rotary=lambda hidden, pos: decoder.rotary_emb(hidden, pos),
-            positions=mrope_positions,
-            decode_position_ids=decode_position_ids,
-        )
-
-    @classmethod
-    def attach(cls, model, plan: CompiledPlan) -> CutAttachment:
-        if getattr(model.config.text_config, "use_sliding_window", False):
+    def check_model(self) -> None:
+        if getattr(self.model.config.text_config, "use_sliding_window", False):
             raise UnsupportedModelError("qwen2_5_vl: models with sliding-window attention layers are not supported yet")
-        return CutAttachment(cls.handles(model), plan)
+        super().check_model()
+
+    def is_media_token(self, ids: Tensor) -> Tensor:
+        """Image and video tokens (every image of the prompt, and videos)."""
+        return (ids == self.image_token) | (ids == self.video_token)
+
+    def visual_grid(self, ids: Tensor, visual: Tensor, context: dict) -> Tensor:
+        return mrope_grid(self.is_media_token(ids), context["positions"])
+
+    def positions(self, position_ids: Tensor | None, b: int, q: int, past: int, device) -> Tensor:
+        return mrope_positions(position_ids, b, q, past, device)
+
+    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        return self.language_model.rotary_emb(hidden, positions)
+
+    def decode_position_ids(self, mask2d: Tensor, q: int) -> Tensor:
+        """generate()'s ids: text position + ``rope_deltas``, equal on the three axes."""
+        text = generate_position_ids(self.model, mask2d, q)  # [B, q]
+        deltas = getattr(self.model.model, "rope_deltas", None)
+        if deltas is not None:
+            text = text + deltas.to(text.device)
+        return text.unsqueeze(0).expand(3, -1, -1)
