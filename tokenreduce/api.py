@@ -15,7 +15,7 @@ def adapter_for(model: Any, registry: Registry | None = None) -> type:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     comp = registry.adapter_for(model_type) if model_type else None
     if comp is None:
-        supported = sorted(t for c in registry.components("adapter") for t in getattr(c.cls, "model_types", ()))
+        supported = registry.model_types()
         raise UnsupportedModelError(
             f"no tokenreduce adapter for model_type {model_type!r} ({type(model).__name__}); "
             f"supported model types: {', '.join(supported)}"

@@ -16,9 +16,14 @@ kinds:
   use).  ``path`` wins when both are given, so ``model.path=DIR`` points a hub conf at a local
   copy.  Offline, a repository that is not in the cache fails with a message that says so and
   how to use a local folder.  The architecture is read from the checkpoint's ``config.json``
-  before any weight is loaded: a ``model_type`` without a tokenreduce adapter fails with the list
-  of supported ones.  :func:`load_pretrained` is the same loader for Python callers (the
+  before any weight is loaded: a ``model_type`` without a registered architecture fails with the
+  list of supported ones.  :func:`load_pretrained` is the same loader for Python callers (the
   lmms-eval plugin uses it).
+
+Everything model-specific (the ``transformers`` class, the processor, the shapes of synthetic
+inputs, the tiny model) comes from the architecture's
+:class:`~tokenreduce.core.arch.ArchSpec`, registered under its ``config.model_type``
+(``docs/writing-an-adapter.md``); ``arch`` is that model type.
 
 Prompts: a conf's ``prompt`` is a template with the image placeholder and ``{question}``; the
 value ``chat_template`` builds it from the processor's own chat template (one user turn: the
@@ -36,21 +41,33 @@ dtype actually used is recorded in :meth:`LoadedModel.describe`.
 
 from __future__ import annotations
 
-import importlib.resources
 import importlib.util
 import logging
+import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor
 
-from tokenreduce.core.errors import TokenReduceError
+from tokenreduce.core.arch import ArchSpec
+from tokenreduce.core.errors import TokenReduceError, UnsupportedModelError
+from tokenreduce.core.registry import get_registry
+from tokenreduce.measure.configs import (
+    _hub_error,
+    _local_folder,
+    architectures,
+    check_arch,
+    hf_config,
+    pretrained_config,
+    resolve_path,
+    tiny_kwargs,
+)
 
 __all__ = [
-    "ARCHS",
     "CHAT_TEMPLATE",
     "ModelSettings",
     "LoadedModel",
@@ -67,7 +84,6 @@ __all__ = [
 
 log = logging.getLogger("tokenreduce")
 
-ARCHS = ("llava", "llava_next", "qwen2_5_vl")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: ``prompt: chat_template``: build the prompt template from the processor's chat template
 CHAT_TEMPLATE = "chat_template"
@@ -83,9 +99,11 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     kind: Literal["tiny", "config", "pretrained"]
-    arch: Literal["llava", "llava_next", "qwen2_5_vl"]
+    arch: str = Field(description="a registered architecture: its config.model_type (tokenreduce list adapter)")
     name: str | None = Field(default=None, description="shown in tables; defaults to the conf's file name")
-    text_layers: int | None = Field(default=None, ge=1, description="decoder layers (fewer than the real model's: faster)")
+    text_layers: int | None = Field(
+        default=None, ge=1, description="decoder layers (fewer than the real model's: faster)"
+    )
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field(default="auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
@@ -96,7 +114,9 @@ class ModelSettings(BaseModel):
         default=None, description="kind pretrained: a Hugging Face Hub repository id (org/name), used when path is null"
     )
     revision: str | None = Field(default=None, description="kind pretrained with repo: a branch, tag or commit")
-    n_visual: int | None = Field(default=None, ge=1, description="visual tokens per sample for synthetic inputs and FLOPs")
+    n_visual: int | None = Field(
+        default=None, ge=1, description="visual tokens per sample for synthetic inputs and FLOPs"
+    )
     n_text: int | None = Field(default=None, ge=1, description="text tokens per sample for synthetic inputs and FLOPs")
     hf_config: dict[str, Any] | None = Field(default=None, description="kind config: the Hugging Face config dict")
     image_size: int | None = Field(default=None, ge=1, description="kind tiny: vision input size in pixels")
@@ -111,8 +131,13 @@ class ModelSettings(BaseModel):
         default=DEFAULT_CHAT_USER, description="prompt 'chat_template': the text of the user turn, with {question}"
     )
 
+    @field_validator("arch")
+    @classmethod
+    def _registered_arch(cls, value: str) -> str:
+        return check_arch(value)
+
     @model_validator(mode="after")
-    def _kind_fields(self) -> "ModelSettings":
+    def _kind_fields(self) -> ModelSettings:
         if self.kind == "config" and not self.hf_config:
             raise ValueError("kind 'config' needs hf_config (the Hugging Face config dict of the architecture)")
         if self.kind == "pretrained" and not (self.path or self.repo):
@@ -121,7 +146,9 @@ class ModelSettings(BaseModel):
                 "Hub id such as llava-hf/llava-1.5-7b-hf)"
             )
         if self.kind == "tiny" and (self.hf_config or self.path or self.repo):
-            raise ValueError("kind 'tiny' is built in code: remove hf_config, path and repo (or use kind config/pretrained)")
+            raise ValueError(
+                "kind 'tiny' is built in code: remove hf_config, path and repo (or use kind config/pretrained)"
+            )
         if self.prompt is not None and self.prompt != CHAT_TEMPLATE and "{question}" not in self.prompt:
             raise ValueError(f"prompt must contain {{question}} or be {CHAT_TEMPLATE!r}; got {self.prompt!r}")
         if "{question}" not in self.chat_user:
@@ -136,7 +163,7 @@ class LoadedModel:
     Attributes:
         model: the Hugging Face VLM in eval mode, on ``device``.
         processor: its processor, or ``None`` for kind ``config`` (use :meth:`synthetic_inputs`).
-        arch: ``"llava"``, ``"llava_next"`` or ``"qwen2_5_vl"``.
+        arch: the architecture (its ``config.model_type``; :attr:`spec` describes it).
         name: display name.
         settings: the validated conf.
         device, dtype, attn_implementation: what was actually used (after the fallbacks).
@@ -154,6 +181,11 @@ class LoadedModel:
     @property
     def kind(self) -> str:
         return self.settings.kind
+
+    @property
+    def spec(self) -> ArchSpec:
+        """The registered :class:`~tokenreduce.core.arch.ArchSpec` of :attr:`arch`."""
+        return get_registry().spec_for(self.arch)
 
     @property
     def n_layers(self) -> int:
@@ -223,8 +255,9 @@ class LoadedModel:
         batch = self.processor(images=list(images), text=list(prompts), padding=True, return_tensors="pt")
         return self.to_device(dict(batch))
 
-    def synthetic_inputs(self, batch_size: int = 1, n_visual: int | None = None, n_text: int | None = None,
-                         seed: int = 0) -> dict[str, Any]:
+    def synthetic_inputs(
+        self, batch_size: int = 1, n_visual: int | None = None, n_text: int | None = None, seed: int = 0
+    ) -> dict[str, Any]:
         """Random inputs of the right shapes for this model (see :func:`synthetic_inputs`)."""
         n_visual = n_visual if n_visual is not None else self.settings.n_visual
         n_text = n_text if n_text is not None else (self.settings.n_text or 60)
@@ -284,34 +317,7 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     return "sdpa"
 
 
-def resolve_path(path: str) -> Path:
-    """A model folder: ``pkg:<package>/<sub/folder>`` inside an installed package, else a local
-    path (``~`` expanded; relative to the working directory)."""
-    if path.startswith("pkg:"):
-        package, _, sub = path[4:].partition("/")
-        try:
-            root = importlib.resources.files(package)
-        except (ModuleNotFoundError, TypeError):
-            raise TokenReduceError(f"model.path={path!r}: package {package!r} is not installed") from None
-        folder = Path(str(root.joinpath(sub)))
-    else:
-        folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise TokenReduceError(f"model.path={path!r}: no such folder ({folder.resolve()}); models load from local folders only")
-    return folder
-
-
 # -- loading ----------------------------------------------------------------------------------
-def _model_class(arch: str):
-    import transformers
-
-    return {
-        "llava": transformers.LlavaForConditionalGeneration,
-        "llava_next": transformers.LlavaNextForConditionalGeneration,
-        "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-    }[arch]
-
-
 def _text_config(config):
     return getattr(config, "text_config", None) or config
 
@@ -337,74 +343,20 @@ def chat_prompt_template(processor: Any, user: str = DEFAULT_CHAT_USER, name: st
     return rendered.replace(_QUESTION_SENTINEL, user)
 
 
-def pretrained_config(source: str | Path, revision: str | None = None):
-    """The ``transformers`` config of a checkpoint (a local folder, ``pkg:...`` or a Hub id),
-    with the hub errors turned into messages that say what to do.
-
-    A local folder (or ``pkg:``) is read with ``local_files_only``; anything else is treated as
-    a Hub repository id and resolved through the Hugging Face cache (downloading only
-    ``config.json`` when the hub is reachable).
-
-    Raises:
-        TokenReduceError: no such folder; the hub is unreachable (offline) and the repository is not
-            cached; the repository does not exist or needs a login.
-    """
-    from transformers import AutoConfig
-
-    local = _local_folder(source)
-    if local is not None:
-        return AutoConfig.from_pretrained(local, local_files_only=True), local
-    repo = str(source)
-    try:
-        return AutoConfig.from_pretrained(repo, revision=revision), repo
-    except OSError as exc:
-        raise TokenReduceError(_hub_error(repo, revision, exc)) from None
-
-
-def _local_folder(source: str | Path) -> Path | None:
-    """``source`` as a local folder (``pkg:`` resolved), or ``None`` when it is a Hub id."""
-    text = str(source)
-    if isinstance(source, Path) or text.startswith(("pkg:", "/", ".", "~")) or Path(text).expanduser().is_dir():
-        return resolve_path(text)
-    if text.count("/") > 1 or not text.strip("/"):
-        raise TokenReduceError(
-            f"{text!r} is neither a local folder nor a Hugging Face Hub id (org/name); models load from one of the two"
-        )
-    return None
-
-
-def _hub_error(repo: str, revision: str | None, exc: OSError) -> str:
-    """A clear message for a failed hub lookup of ``repo`` (offline, unknown, gated)."""
-    from huggingface_hub import constants
-
-    message = str(exc)
-    at = f" at revision {revision!r}" if revision else ""
-    lowered = message.lower()
-    if constants.HF_HUB_OFFLINE or "couldn't connect" in lowered or "offline" in lowered or "connection" in lowered:
-        return (
-            f"cannot load {repo!r}{at}: the Hugging Face Hub is unreachable (offline"
-            f"{', HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else ''}) and the checkpoint is not in the local "
-            f"cache ({constants.HF_HUB_CACHE}). Download it where the hub is reachable (`hf download {repo} "
-            f"--local-dir DIR`), copy DIR here and point at it: model.path=DIR on the command line, "
-            f"pretrained=DIR for lmms-eval, load_pretrained('DIR') in Python; or set HF_HOME to a cache that holds it."
-        )
-    first = message.splitlines()[0] if message else repr(exc)
-    return f"cannot load {repo!r}{at} from the Hugging Face Hub ({repo!r} is no local folder either): {first}"
-
-
 def _arch_of(config, source: Any) -> str:
-    """The tokenreduce architecture of a checkpoint config (its ``model_type``), or a clear error."""
-    from tokenreduce.core.errors import UnsupportedModelError
-    from tokenreduce.core.registry import get_registry
-
+    """The registered architecture of a checkpoint config (its ``model_type``), or a clear error."""
     model_type = getattr(config, "model_type", None)
     registry = get_registry()
-    if model_type not in ARCHS or registry.adapter_for(model_type) is None:
-        supported = sorted(t for c in registry.components("adapter") for t in getattr(c.cls, "model_types", ()))
-        raise UnsupportedModelError(
-            f"{source}: model_type {model_type!r} has no tokenreduce adapter; supported model types: {', '.join(supported)}"
-        )
-    return model_type
+    if model_type in registry.names("architecture"):
+        return model_type
+    why = (
+        "has a tokenreduce adapter but no registered architecture (ArchSpec)"
+        if model_type and registry.adapter_for(model_type) is not None
+        else "has no tokenreduce adapter"
+    )
+    raise UnsupportedModelError(
+        f"{source}: model_type {model_type!r} {why}; supported model types: {', '.join(architectures())}"
+    )
 
 
 def load_pretrained(
@@ -434,16 +386,24 @@ def load_pretrained(
         name: display name (default: ``source``).
 
     Raises:
-        UnsupportedModelError: the checkpoint's ``model_type`` has no adapter (lists the supported ones).
+        UnsupportedModelError: the checkpoint's ``model_type`` has no registered architecture (lists
+            the supported ones).
         TokenReduceError: the folder is missing, or the hub is unreachable and the checkpoint is not cached.
     """
     config, _ = pretrained_config(source, revision)
     arch = _arch_of(config, source)
     local = _local_folder(source)
     settings = ModelSettings(
-        kind="pretrained", arch=arch, name=name or str(source), path=str(local) if local is not None else None,
-        repo=None if local is not None else str(source), revision=revision, dtype=dtype,
-        attn_implementation=attn_implementation, device=device, prompt=prompt,
+        kind="pretrained",
+        arch=arch,
+        name=name or str(source),
+        path=str(local) if local is not None else None,
+        repo=None if local is not None else str(source),
+        revision=revision,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        device=device,
+        prompt=prompt,
     )
     return load_model(settings)
 
@@ -487,29 +447,22 @@ def _validate(model_cfg: Mapping[str, Any]) -> ModelSettings:
 def _load_tiny(settings: ModelSettings, attn: str, dtype: torch.dtype):
     from tokenreduce.testing.tiny import build_tiny, make_processor
 
-    kw: dict[str, Any] = {}
-    if settings.text_layers is not None:
-        kw["text_layers"] = settings.text_layers
-    proc_kw: dict[str, Any] = {}
-    if settings.arch == "llava":
-        for key in ("image_size", "patch"):
-            if getattr(settings, key) is not None:
-                kw[key] = proc_kw[key] = getattr(settings, key)
-    elif settings.image_size is not None or settings.patch is not None:
-        raise TokenReduceError(f"model.image_size/model.patch apply to the tiny LLaVA only, not arch {settings.arch!r}")
+    try:
+        kw = tiny_kwargs(settings.arch, settings.model_dump())
+    except ValueError as exc:
+        raise TokenReduceError(str(exc)) from None
+    options = {k: v for k, v in kw.items() if k != "text_layers"}  # the processor must match the model
     model = build_tiny(settings.arch, attn_implementation=attn, dtype=dtype, seed=settings.seed, **kw)
-    return model, make_processor(settings.arch, **proc_kw)
+    return model, make_processor(settings.arch, **options)
 
 
 def _load_config(settings: ModelSettings, attn: str, dtype: torch.dtype, device: torch.device):
-    try:
-        from tokenreduce.measure.configs import hf_config
-    except ImportError as exc:  # pragma: no cover - the module ships with the package
-        raise TokenReduceError(f"model kind 'config' needs tokenreduce.measure.configs ({exc})") from None
     config = hf_config(settings.model_dump())
     if config.model_type != settings.arch:
-        raise TokenReduceError(f"model.hf_config has model_type {config.model_type!r} but model.arch is {settings.arch!r}")
-    cls = _model_class(settings.arch)
+        raise TokenReduceError(
+            f"model.hf_config has model_type {config.model_type!r} but model.arch is {settings.arch!r}"
+        )
+    cls = get_registry().spec_for(settings.arch).model_class()
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(settings.seed)
@@ -519,8 +472,6 @@ def _load_config(settings: ModelSettings, attn: str, dtype: torch.dtype, device:
 
 
 def _load_pretrained(settings: ModelSettings, attn: str, device: torch.device):
-    from transformers import AutoProcessor
-
     if settings.text_layers is not None:
         raise TokenReduceError("model.text_layers cannot shorten a pretrained model; use kind config for fewer layers")
     source = resolve_path(settings.path) if settings.path else settings.repo
@@ -528,11 +479,14 @@ def _load_pretrained(settings: ModelSettings, attn: str, device: torch.device):
     arch = _arch_of(config, source)
     if arch != settings.arch:
         raise TokenReduceError(f"{source}: model_type {arch!r} does not match model.arch={settings.arch!r}")
-    dtype = resolve_dtype(settings.dtype, device, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    dtype = resolve_dtype(
+        settings.dtype, device, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    )
     # a hub repository is in the local cache now (config.json came from it), or the hub is reachable
     hub = {} if settings.path else {"revision": settings.revision}
     local = {"local_files_only": True} if settings.path else {}
-    cls = _model_class(arch)
+    spec = get_registry().spec_for(arch)
+    cls = spec.model_class()
     try:
         model = cls.from_pretrained(source, dtype=dtype, attn_implementation=attn, **hub, **local)
     except OSError as exc:
@@ -543,18 +497,12 @@ def _load_pretrained(settings: ModelSettings, attn: str, device: torch.device):
     from transformers import ProcessorMixin
 
     try:
-        processor = AutoProcessor.from_pretrained(source, **hub, **local)
-        problem = None if isinstance(processor, ProcessorMixin) else f"AutoProcessor gave a {type(processor).__name__}"
-    except Exception as exc:  # noqa: BLE001 - the Qwen video processor needs torchvision (no CPU wheel)
+        processor = spec.load_processor(source, **hub, **local)
+        problem = None if isinstance(processor, ProcessorMixin) else f"the loader gave a {type(processor).__name__}"
+    except Exception as exc:  # noqa: BLE001 - any failure of a processor's files or its dependencies
         processor, problem = None, str(exc)
     if problem is not None:
-        # Qwen2.5-VL: the stock processor also builds a video processor, which needs torchvision;
-        # a folder saved from the image-only processor names a class AutoProcessor does not know
-        if arch != "qwen2_5_vl":
-            raise TokenReduceError(f"{source}: could not load the processor: {problem}")
-        from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
-
-        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(source, **hub, **local)
+        raise TokenReduceError(f"{source}: could not load the processor: {problem}")
     return model, processor, dtype
 
 
@@ -562,8 +510,16 @@ def _load_pretrained(settings: ModelSettings, attn: str, device: torch.device):
 def _special_ids(config) -> set[int]:
     ids = set()
     for cfg in (config, _text_config(config)):
-        for attr in ("image_token_id", "image_token_index", "video_token_id", "vision_start_token_id",
-                     "vision_end_token_id", "bos_token_id", "eos_token_id", "pad_token_id"):
+        for attr in (
+            "image_token_id",
+            "image_token_index",
+            "video_token_id",
+            "vision_start_token_id",
+            "vision_end_token_id",
+            "bos_token_id",
+            "eos_token_id",
+            "pad_token_id",
+        ):
             value = getattr(cfg, attr, None)
             if isinstance(value, int):
                 ids.add(value)
@@ -593,80 +549,52 @@ def _image_token_id(config) -> int:
     raise TokenReduceError(f"{config.model_type} config has no image_token_id")
 
 
-def _llava_next_pinpoint(config, n_visual: int | None) -> tuple[tuple[int, int], int]:
-    """The anyres pinpoint (height, width) whose image gives the visual-token count closest to
-    ``n_visual`` (the largest when ``None``), and that count: base grid + full high-resolution grid
-    + one newline token per grid row (an image exactly at a pinpoint needs no unpadding)."""
-    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
-    base = side * side
-    options = []
-    for h, w in config.image_grid_pinpoints:
-        rows = (h // config.vision_config.image_size) * side
-        cols = (w // config.vision_config.image_size) * side
-        options.append(((int(h), int(w)), base + rows * cols + rows))
-    if n_visual is None:
-        return max(options, key=lambda o: (o[1], o[0]))
-    return min(options, key=lambda o: (abs(o[1] - n_visual), -o[1]))
-
-
-def synthetic_inputs(config, arch: str, batch_size: int, n_visual: int | None, n_text: int, seed: int = 0) -> dict[str, Tensor]:
+def synthetic_inputs(
+    config, arch: str, batch_size: int, n_visual: int | None, n_text: int, seed: int = 0
+) -> dict[str, Tensor]:
     """Random inputs of the right shapes for a VLM config: what a processor would produce for one
     image and ``n_text`` text tokens per sample, with random pixels and random ordinary text ids.
 
-    Layout of each sample: ``[bos] + 5 text tokens + image tokens + the remaining text tokens``
-    (Qwen2.5-VL: the image run is framed by its vision start/end tokens, counted as text).  No
-    padding: every sample has the same length.
+    Layout of each sample: ``[bos] + 5 text tokens + image tokens + the remaining text tokens``,
+    the image run framed by the tokens the architecture writes around it (Qwen2.5-VL: vision
+    start/end, counted as text).  No padding: every sample has the same length.
 
-    Visual tokens per architecture (``n_visual`` is a wish the architecture may not allow):
-
-    * ``llava``: always ``config.image_seq_length`` (one fixed-size image); ``n_visual`` is ignored.
-    * ``llava_next``: the image size is the anyres pinpoint whose token count is closest to
-      ``n_visual`` (default: the largest pinpoint; LLaVA-NeXT-7B 672x672 gives 2928 tokens).
-    * ``qwen2_5_vl``: a square image of ``round(sqrt(n_visual))`` merged tokens per side
-      (default 36: 1008x1008 pixels, 1296 tokens, the paper's setting).
+    The image comes from the architecture's :meth:`~tokenreduce.core.arch.ArchSpec.synthetic_image`
+    (``n_visual`` is a wish the architecture may not allow; each spec's docstring says what it
+    does with it).
 
     Returns:
         ``input_ids`` ``[B, S]`` long, ``attention_mask`` ``[B, S]`` long (all ones),
-        ``pixel_values`` (llava ``[B, 3, H, W]``; llava_next ``[B, 1 + crops, 3, H, W]`` plus
-        ``image_sizes`` ``[B, 2]``; qwen2_5_vl ``[B * patches, 3 * 2 * 14 * 14]`` plus
-        ``image_grid_thw`` ``[B, 3]``), float32 on the CPU.
+        ``pixel_values`` and the architecture's extras (``image_sizes``, ``image_grid_thw``),
+        float32 on the CPU.
     """
-    if arch not in ARCHS:
-        raise TokenReduceError(f"unknown arch {arch!r}; expected one of {ARCHS}")
+    spec = get_registry().spec_for(arch, what="synthetic inputs")
     if batch_size < 1 or n_text < 1:
         raise ValueError(f"batch_size and n_text must be >= 1; got {batch_size}, {n_text}")
     g = torch.Generator().manual_seed(seed)
-    extra: dict[str, Tensor] = {}
-    vc = config.vision_config
-    if arch == "llava":
-        n_vis = int(getattr(config, "image_seq_length", 0) or (vc.image_size // vc.patch_size) ** 2)
-        pixel_values = torch.randn(batch_size, 3, vc.image_size, vc.image_size, generator=g)
-        before, after = [], []
-    elif arch == "llava_next":
-        (h, w), n_vis = _llava_next_pinpoint(config, n_visual)
-        crops = (h // vc.image_size) * (w // vc.image_size)
-        pixel_values = torch.randn(batch_size, 1 + crops, 3, vc.image_size, vc.image_size, generator=g)
-        extra["image_sizes"] = torch.tensor([[h, w]] * batch_size)
-        before, after = [], []
-    else:
-        merge = int(vc.spatial_merge_size)
-        side = max(1, round((n_visual or 1296) ** 0.5))
-        patches = side * merge
-        n_vis = side * side
-        depth = int(vc.in_channels) * int(vc.temporal_patch_size) * int(vc.patch_size) ** 2
-        pixel_values = torch.randn(batch_size * patches * patches, depth, generator=g)
-        extra["image_grid_thw"] = torch.tensor([[1, patches, patches]] * batch_size)
-        before, after = [int(config.vision_start_token_id)], [int(config.vision_end_token_id)]
-    bos = _text_config(config).bos_token_id if arch != "qwen2_5_vl" else None
+    image = spec.synthetic_image(config, batch_size, n_visual, g)
+    before, after = list(image.before), list(image.after)
+    bos = _text_config(config).bos_token_id if image.bos else None
     head = [int(bos)] if isinstance(bos, int) else []
     n_free = n_text - len(head) - len(before) - len(after)
     if n_free < 1:
         raise ValueError(f"n_text={n_text} is too small for the {arch} layout (needs at least {n_text - n_free + 1})")
     n_pre = min(5, n_free // 2)
-    image = _image_token_id(config)
+    token = _image_token_id(config)
     rows = []
     for _ in range(batch_size):
         text = _text_ids(config, n_free, g).tolist()
-        rows.append(head + text[:n_pre] + before + [image] * n_vis + after + text[n_pre:])
+        rows.append(head + text[:n_pre] + before + [token] * image.n_visual + after + text[n_pre:])
     input_ids = torch.tensor(rows, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixel_values, **extra}
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **image.inputs}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ARCHS":  # deprecated (one release): the registry knows the architectures
+        warnings.warn(
+            "tokenreduce.models.ARCHS is deprecated; use tokenreduce.measure.configs.architectures()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return tuple(architectures())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,24 +14,34 @@ The panel title gives the plan's name and the per-stage counts (``576 -> L1:92 -
 and the achieved layer average.  An optional first panel shows the input with its token grid.
 This is the figure of a comparison of selection strategies, for any list of plans.
 
-Pictures: LLaVA-1.5 shows the processor's preprocessed crop (what the tower sees: ``pixel_values``
-de-normalised); LLaVA-NeXT shows the preprocessed base image for panel 0 and the original image
-for its high-resolution grid (the grid after unpadding covers exactly the image content);
-Qwen2.5-VL shows the original image (the processor only resizes it to the grid).  Pillow only.
+Pictures: the architecture's :meth:`~tokenreduce.core.arch.ArchSpec.panel_pictures` gives the
+picture the model sees under a panel where it differs from the input (LLaVA-1.5: the
+preprocessed crop; LLaVA-NeXT: the preprocessed base image); other panels show the original
+image.  Pillow only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 
-__all__ = ["VizSettings", "TokenLayout", "token_layout", "attachment_layout", "survival_levels", "render_panel", "render_figure", "visualize",
-           "STAGE_COLORS"]
+__all__ = [
+    "VizSettings",
+    "TokenLayout",
+    "token_layout",
+    "attachment_layout",
+    "survival_levels",
+    "render_panel",
+    "render_figure",
+    "visualize",
+    "STAGE_COLORS",
+]
 
 #: colours of stages 1, 2, ... (stage 0's removals are dimmed instead)
 STAGE_COLORS = ((255, 170, 0), (230, 60, 60), (170, 70, 230), (40, 140, 255), (20, 190, 120), (240, 90, 190))
@@ -43,9 +53,15 @@ class VizSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    images: list[str] = Field(default_factory=list, description="image files, one figure row each (default: one synthetic picture)")
-    image_size: list[int] | None = Field(default=None, min_length=2, max_length=2,
-                                         description="synthetic picture size [width, height] (default: the architecture's test size)")
+    images: list[str] = Field(
+        default_factory=list, description="image files, one figure row each (default: one synthetic picture)"
+    )
+    image_size: list[int] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=2,
+        description="synthetic picture size [width, height] (default: the architecture's test size)",
+    )
     question: str = Field(default="what color is the shape?", description="the question in the model's prompt template")
     panel_size: int = Field(default=256, ge=32, description="pixels of a panel's picture area (square)")
     header: int = Field(default=56, ge=0, description="pixels of a panel's title area above the picture")
@@ -128,31 +144,18 @@ def survival_levels(layout: TokenLayout, kept_per_stage: Sequence[Sequence[int]]
 
 
 # -- pictures -----------------------------------------------------------------------------------
-def _denormalize(pixels: Tensor, processor: Any) -> Image.Image:
-    """``[3, H, W]`` normalised pixels -> RGB picture (the processor's mean/std undone)."""
-    ip = getattr(processor, "image_processor", processor)
-    mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0]).view(3, 1, 1)
-    std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0]).view(3, 1, 1)
-    x = pixels.detach().float().cpu()
-    if getattr(ip, "do_normalize", True):
-        x = x * std + mean
-    if not getattr(ip, "do_rescale", True):
-        x = x / 255.0
-    arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(arr, "RGB")
+def panel_pictures(
+    arch: str, inputs: Mapping[str, Any], processor: Any, image: Image.Image, sample: int, panels: Sequence[int]
+) -> dict[int, Image.Image]:
+    """The picture drawn under each grid panel of one sample: what the architecture's spec gives
+    (``arch``: its ``model_type``), else ``image``."""
+    from tokenreduce.core.registry import get_registry
 
-
-def panel_pictures(arch: str, inputs: Mapping[str, Any], processor: Any, image: Image.Image, sample: int,
-                   panels: Sequence[int]) -> dict[int, Image.Image]:
-    """The picture drawn under each grid panel of one sample (see the module docstring)."""
     pictures = {p: image for p in panels}
-    pv = inputs.get("pixel_values")
-    if pv is None or processor is None:
+    if inputs.get("pixel_values") is None or processor is None:
         return pictures
-    if arch == "llava" and pv.dim() == 4:
-        pictures = {p: _denormalize(pv[sample], processor) for p in panels}
-    elif arch == "llava_next" and pv.dim() == 5 and 0 in pictures:
-        pictures[0] = _denormalize(pv[sample, 0], processor)
+    spec = get_registry().spec_for(arch, what="viz")
+    pictures.update(spec.panel_pictures(inputs, processor, sample, list(panels)))
     return pictures
 
 
@@ -349,9 +352,19 @@ def visualize(
         grids = {p: list(layout.extent(p)) for p in layout.panels()}
         record["samples"].append({"n_visual": len(layout.positions), "panels": grids})
         if settings.show_input:
-            rows[b].append(render_panel(layout, pics, None, 0, size=settings.panel_size, header=settings.header,
-                                        title="input", subtitle=f"{len(layout.positions)} visual tokens",
-                                        dim=settings.dim))
+            rows[b].append(
+                render_panel(
+                    layout,
+                    pics,
+                    None,
+                    0,
+                    size=settings.panel_size,
+                    header=settings.header,
+                    title="input",
+                    subtitle=f"{len(layout.positions)} visual tokens",
+                    dim=settings.dim,
+                )
+            )
     for name, trace in runs.items():
         layers = [st.layer for st in trace.stages]
         entries = []
@@ -359,16 +372,29 @@ def visualize(
             kept = [st.kept[b] for st in trace.stages]
             levels = survival_levels(layout, kept)
             subtitle, legend = _stage_texts(trace, b, layers, len(kept), settings.dim)
-            rows[b].append(render_panel(layout, pictures[b], levels, len(kept), size=settings.panel_size,
-                                        header=settings.header, title=name, subtitle=subtitle, legend=legend,
-                                        dim=settings.dim))
+            rows[b].append(
+                render_panel(
+                    layout,
+                    pictures[b],
+                    levels,
+                    len(kept),
+                    size=settings.panel_size,
+                    header=settings.header,
+                    title=name,
+                    subtitle=subtitle,
+                    legend=legend,
+                    dim=settings.dim,
+                )
+            )
             final = levels == len(kept)
-            entries.append({
-                "visual_before": trace.original_visual[b],
-                "stages": [{"layer": st.layer, "visual_after": st.visual_after[b]} for st in trace.stages],
-                "layer_average": trace.layer_average(b),
-                "kept_cells": torch.stack([layout.panel, layout.row, layout.col], -1)[final].tolist(),
-            })
+            entries.append(
+                {
+                    "visual_before": trace.original_visual[b],
+                    "stages": [{"layer": st.layer, "visual_after": st.visual_after[b]} for st in trace.stages],
+                    "layer_average": trace.layer_average(b),
+                    "kept_cells": torch.stack([layout.panel, layout.row, layout.col], -1)[final].tolist(),
+                }
+            )
         record["plans"][name] = entries
     figure = render_figure(rows)
     record["figure_size"] = list(figure.size)

@@ -26,8 +26,11 @@ from tokenreduce.models import ModelSettings, chat_prompt_template, load_model, 
 from tokenreduce.testing.tiny import save_tiny_checkpoint as save_tiny
 
 CONFS = {"llava": "llava_1_5_7b", "llava_next": "llava_next_7b", "qwen2_5_vl": "qwen2_5_vl_7b"}
-REPOS = {"llava": "llava-hf/llava-1.5-7b-hf", "llava_next": "llava-hf/llava-v1.6-vicuna-7b-hf",
-         "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct"}
+REPOS = {
+    "llava": "llava-hf/llava-1.5-7b-hf",
+    "llava_next": "llava-hf/llava-v1.6-vicuna-7b-hf",
+    "qwen2_5_vl": "Qwen/Qwen2.5-VL-7B-Instruct",
+}
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -44,8 +47,9 @@ def hub_cache(root: Path, repo: str, arch: str) -> Path:
 def run_cli(args: list[str], tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", **env}
     code = "import sys; from tokenreduce.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
-                          env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path, env=full_env, timeout=300
+    )
 
 
 @pytest.mark.parametrize("arch", ["llava", "llava_next", "qwen2_5_vl"])
@@ -69,7 +73,9 @@ def test_load_pretrained_from_a_local_folder_picks_arch_dtype_attention_and_chat
     with torch.no_grad(), tokenreduce.apply(loaded.model, "random_50") as att:
         out = loaded.model.generate(**inputs, max_new_tokens=2, do_sample=False)
     assert out.shape[0] == 2
-    assert all(v == (n + 1) // 2 or v == n // 2 for v, n in zip(att.trace.stages[0].visual_after, att.trace.original_visual))
+    assert all(
+        v == (n + 1) // 2 or v == n // 2 for v, n in zip(att.trace.stages[0].visual_after, att.trace.original_visual)
+    )
 
 
 def test_chat_template_prompt_without_a_template_is_a_clear_error(tmp_path):
@@ -78,7 +84,8 @@ def test_chat_template_prompt_without_a_template_is_a_clear_error(tmp_path):
     with pytest.raises(TokenReduceError, match="needs a processor with a chat template.*set model.prompt"):
         loaded.prompt_template()
     assert load_pretrained(tmp_path, prompt="USER: <image> {question} ASSISTANT:").prompt_template() == (
-        "USER: <image> {question} ASSISTANT:")
+        "USER: <image> {question} ASSISTANT:"
+    )
     with pytest.raises(TokenReduceError, match="this one has none"):
         chat_prompt_template(None)
 
@@ -86,9 +93,14 @@ def test_chat_template_prompt_without_a_template_is_a_clear_error(tmp_path):
 def test_an_architecture_without_adapter_lists_the_supported_model_types(tmp_path):
     from transformers import LlamaConfig
 
-    LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2).save_pretrained(tmp_path)
-    with pytest.raises(UnsupportedModelError, match=r"model_type 'llama' has no tokenreduce adapter; "
-                                                    r"supported model types: llava, llava_next, qwen2_5_vl"):
+    LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2).save_pretrained(
+        tmp_path
+    )
+    with pytest.raises(
+        UnsupportedModelError,
+        match=r"model_type 'llama' has no tokenreduce adapter; "
+        r"supported model types: llava, llava_next, qwen2_5_vl",
+    ):
         load_pretrained(tmp_path)
 
 
@@ -115,8 +127,15 @@ def test_model_settings_validation():
 
 def test_path_wins_over_repo_so_a_hub_conf_can_point_at_a_local_copy(tmp_path):
     save_tiny(tmp_path, "llava")
-    loaded = load_model({"kind": "pretrained", "arch": "llava", "repo": "llava-hf/llava-1.5-7b-hf",
-                         "path": str(tmp_path), "prompt": "chat_template"})
+    loaded = load_model(
+        {
+            "kind": "pretrained",
+            "arch": "llava",
+            "repo": "llava-hf/llava-1.5-7b-hf",
+            "path": str(tmp_path),
+            "prompt": "chat_template",
+        }
+    )
     assert loaded.n_layers == 3 and "<image>" in loaded.prompt_template()
     with pytest.raises(TokenReduceError, match="model_type 'llava' does not match model.arch='qwen2_5_vl'"):
         load_model({"kind": "pretrained", "arch": "qwen2_5_vl", "path": str(tmp_path)})
@@ -126,8 +145,17 @@ def test_path_wins_over_repo_so_a_hub_conf_can_point_at_a_local_copy(tmp_path):
 def test_cli_run_with_a_real_model_conf_and_a_local_copy(tmp_path, arch):
     folder = save_tiny(tmp_path / "ckpt", arch)
     out = tmp_path / "out"
-    proc = run_cli(["run", f"model={CONFS[arch]}", f"model.path={folder}", "plan=random_50", "run.max_new_tokens=2",
-                    f"out_dir={out}"], tmp_path)
+    proc = run_cli(
+        [
+            "run",
+            f"model={CONFS[arch]}",
+            f"model.path={folder}",
+            "plan=random_50",
+            "run.max_new_tokens=2",
+            f"out_dir={out}",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["weights"] == "pretrained" and results["model"]["dtype"] == "float32"
@@ -137,8 +165,11 @@ def test_cli_run_with_a_real_model_conf_and_a_local_copy(tmp_path, arch):
 def test_cli_run_resolves_a_hub_id_through_the_cache_offline(tmp_path):
     cache = hub_cache(tmp_path / "hub", REPOS["llava"], "llava")
     out = tmp_path / "out"
-    proc = run_cli(["run", "model=llava_1_5_7b", "plan=random_50", "run.max_new_tokens=2", f"out_dir={out}"], tmp_path,
-                   HF_HUB_CACHE=str(cache))
+    proc = run_cli(
+        ["run", "model=llava_1_5_7b", "plan=random_50", "run.max_new_tokens=2", f"out_dir={out}"],
+        tmp_path,
+        HF_HUB_CACHE=str(cache),
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["decoder_layers"] == 3  # the tiny checkpoint in the cache, not the 32-layer config
@@ -154,13 +185,30 @@ def test_cli_offline_without_the_checkpoint_says_the_hub_is_unreachable_and_how_
 
 def test_bench_on_a_real_conf_with_random_weights_needs_no_download(tmp_path):
     out = tmp_path / "bench"
-    proc = run_cli(["bench", "model=llava_1_5_7b", "model.kind=config", "model.text_layers=1",
-                    "model.hf_config.text_config.hidden_size=64", "model.hf_config.text_config.intermediate_size=128",
-                    "model.hf_config.text_config.num_attention_heads=2", "model.hf_config.text_config.num_key_value_heads=2",
-                    "model.hf_config.vision_config.num_hidden_layers=1", "model.hf_config.vision_config.hidden_size=32",
-                    "model.hf_config.vision_config.intermediate_size=64", "model.hf_config.vision_config.num_attention_heads=2",
-                    "plans=[]", "bench.repeats=1", "bench.warmup=0", "bench.max_new_tokens=2", "bench.progress=false",
-                    f"out_dir={out}"], tmp_path, HF_HUB_CACHE=str(tmp_path / "empty"))
+    proc = run_cli(
+        [
+            "bench",
+            "model=llava_1_5_7b",
+            "model.kind=config",
+            "model.text_layers=1",
+            "model.hf_config.text_config.hidden_size=64",
+            "model.hf_config.text_config.intermediate_size=128",
+            "model.hf_config.text_config.num_attention_heads=2",
+            "model.hf_config.text_config.num_key_value_heads=2",
+            "model.hf_config.vision_config.num_hidden_layers=1",
+            "model.hf_config.vision_config.hidden_size=32",
+            "model.hf_config.vision_config.intermediate_size=64",
+            "model.hf_config.vision_config.num_attention_heads=2",
+            "plans=[]",
+            "bench.repeats=1",
+            "bench.warmup=0",
+            "bench.max_new_tokens=2",
+            "bench.progress=false",
+            f"out_dir={out}",
+        ],
+        tmp_path,
+        HF_HUB_CACHE=str(tmp_path / "empty"),
+    )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["model"]["weights"] == "random" and results["model"]["decoder_layers"] == 1

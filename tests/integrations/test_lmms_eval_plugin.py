@@ -43,8 +43,19 @@ SIZES = [(56, 56), (112, 56), (56, 112)]  # ragged: LLaVA-NeXT and Qwen2.5-VL ge
 def lmms_eval(tmp_path_factory):
     """lmms-eval's package (no dependencies) importable for this module's tests."""
     target = tmp_path_factory.mktemp("lmms-eval-site")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--disable-pip-version-check",
-           "--target", str(target), LMMS_EVAL, *LMMS_EVAL_IMPORTS]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--target",
+        str(target),
+        LMMS_EVAL,
+        *LMMS_EVAL_IMPORTS,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed (the package index must be reachable):\n{proc.stderr[-2000:]}"
     sys.path.insert(0, str(target))
@@ -62,7 +73,9 @@ def lmms_eval(tmp_path_factory):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpt")
-    return {arch: save_tiny_checkpoint(root / arch, arch, text_layers=4) for arch in ("llava", "llava_next", "qwen2_5_vl")}
+    return {
+        arch: save_tiny_checkpoint(root / arch, arch, text_layers=4) for arch in ("llava", "llava_next", "qwen2_5_vl")
+    }
 
 
 def make_model(lmms_eval, model_args: str, batch_size: int = 1):
@@ -83,7 +96,9 @@ def requests(kind: str, gen_kwargs: dict, docs: int = 3, target=None):
             args = (QUESTIONS[i], dict(gen_kwargs), visual, i, "toy", "test")
         else:
             args = (QUESTIONS[i], target, visual, i, "toy", "test")
-        out.append(Instance(request_type=kind, arguments=args, idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1}))
+        out.append(
+            Instance(request_type=kind, arguments=args, idx=0, metadata={"task": "toy", "doc_id": i, "repeats": 1})
+        )
     return out
 
 
@@ -91,7 +106,9 @@ def toy_docs(docs: int = 3):
     return {"toy": {"test": [{"image": make_image(i, SIZES[i]), "answer": "red"} for i in range(docs)]}}
 
 
-def reference_answers(lm, plan: str | None, max_new_tokens: int, docs: int = 3, per_layer: list | None = None) -> list[str]:
+def reference_answers(
+    lm, plan: str | None, max_new_tokens: int, docs: int = 3, per_layer: list | None = None
+) -> list[str]:
     """Each request alone: the template, the processor, ``tokenreduce.apply`` and ``generate()``
     (the visual tokens per decoder layer of each go to ``per_layer``)."""
     loaded = lm.loaded
@@ -107,7 +124,9 @@ def reference_answers(lm, plan: str | None, max_new_tokens: int, docs: int = 3, 
                     out = loaded.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
                 if per_layer is not None:
                     per_layer.append(att.trace.visual_per_layer(0))
-        answers.append(loaded.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+        answers.append(
+            loaded.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
     return answers
 
 
@@ -152,13 +171,16 @@ def test_unreduced_model_and_stop_strings(lmms_eval, checkpoints):
 def test_loglikelihood_unreduced_equals_a_full_sequence_forward(lmms_eval, checkpoints):
     lm = make_model(lmms_eval, f"pretrained={checkpoints['qwen2_5_vl']}")
     lm.task_dict = toy_docs()
-    (logprob, greedy), = lm.loglikelihood(requests("loglikelihood", {}, docs=1, target="red circle"))
+    ((logprob, greedy),) = lm.loglikelihood(requests("loglikelihood", {}, docs=1, target="red circle"))
     loaded = lm.loaded
     prompt = format_prompt(loaded.prompt_template(), QUESTIONS[0])
     inputs = loaded.processor_inputs([prompt], [make_image(0, SIZES[0])])
     cont = loaded.processor.tokenizer("red circle", add_special_tokens=False, return_tensors="pt")["input_ids"]
-    full = dict(inputs, input_ids=torch.cat([inputs["input_ids"], cont], 1),
-                attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + cont.shape[1], dtype=torch.long))
+    full = dict(
+        inputs,
+        input_ids=torch.cat([inputs["input_ids"], cont], 1),
+        attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + cont.shape[1], dtype=torch.long),
+    )
     if "mm_token_type_ids" in inputs:  # Qwen2.5-VL: 0 = text for the continuation
         full["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(cont)], 1)
     with torch.no_grad():
@@ -180,24 +202,34 @@ def test_loglikelihood_under_a_plan_matches_generate(lmms_eval, checkpoints, arc
     from transformers import LogitsProcessorList
 
     if arch == "llava":
-        lm = make_model(lmms_eval, f"pretrained={REFERENCE_LLAVA},plan=ref_pio_11,prompt=USER: <image> {{question}} ASSISTANT:")
+        lm = make_model(
+            lmms_eval, f"pretrained={REFERENCE_LLAVA},plan=ref_pio_11,prompt=USER: <image> {{question}} ASSISTANT:"
+        )
     else:
         lm = make_model(lmms_eval, f"pretrained={checkpoints[arch]},plan=random_50")
     lm.task_dict = toy_docs(1)
     loaded, plan, tok = lm.loaded, lm.plan, lm.loaded.processor.tokenizer
     inputs = loaded.processor_inputs([format_prompt(loaded.prompt_template(), QUESTIONS[0])], [make_image(0, SIZES[0])])
-    in_vocab = LogitsProcessorList([lambda ids, scores: scores.masked_fill(torch.arange(scores.shape[-1]) >= len(tok), -1e9)])
+    in_vocab = LogitsProcessorList(
+        [lambda ids, scores: scores.masked_fill(torch.arange(scores.shape[-1]) >= len(tok), -1e9)]
+    )
     with torch.no_grad(), tokenreduce.apply(loaded.model, plan):
-        out = loaded.model.generate(**inputs, max_new_tokens=1 if arch == "llava" else 3, do_sample=False,
-                                    output_logits=True, return_dict_in_generate=True, logits_processor=in_vocab)
-    new = out.sequences[0, inputs["input_ids"].shape[1]:]
+        out = loaded.model.generate(
+            **inputs,
+            max_new_tokens=1 if arch == "llava" else 3,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            logits_processor=in_vocab,
+        )
+    new = out.sequences[0, inputs["input_ids"].shape[1] :]
     text = tok.decode(new)
     assert tok(text, add_special_tokens=False)["input_ids"] == new.tolist()  # the continuation round-trips
     if arch == "llava":
         assert text in ("red", "green", "blue", "yellow", "gray", "black", "teal", "brown")  # a colour answer
     raw = [step[0].float() for step in out.logits]  # before the in-vocab mask
     expected = sum(float(torch.log_softmax(step, -1)[t]) for step, t in zip(raw, new))
-    (logprob, greedy), = lm.loglikelihood(requests("loglikelihood", {}, docs=1, target=text))
+    ((logprob, greedy),) = lm.loglikelihood(requests("loglikelihood", {}, docs=1, target=text))
     assert logprob == pytest.approx(expected, abs=1e-4)
     assert greedy == all(int(step.argmax()) == int(t) for step, t in zip(raw, new))
     if arch == "llava":
@@ -205,8 +237,9 @@ def test_loglikelihood_under_a_plan_matches_generate(lmms_eval, checkpoints, arc
 
 
 def test_bad_model_args_name_the_key(lmms_eval, checkpoints):
-    with pytest.raises(TokenReduceError, match="plam: unknown model_args key for --model tokenreduce; known keys: "
-                                               "pretrained, plan,"):
+    with pytest.raises(
+        TokenReduceError, match="plam: unknown model_args key for --model tokenreduce; known keys: pretrained, plan,"
+    ):
         make_model(lmms_eval, f"pretrained={checkpoints['llava']},plam=pio_64")
     with pytest.raises(TokenReduceError, match="pretrained: required"):
         make_model(lmms_eval, "plan=pio_64")

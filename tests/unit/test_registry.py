@@ -12,7 +12,6 @@ from tokenreduce import DuplicateComponentError, UnknownComponentError
 from tokenreduce.core import registry as registry_mod
 from tokenreduce.core.registry import Registry, get_registry, hookimpl, list_components, make_plugin_manager
 
-
 # ---------------------------------------------------------------------------- small components
 
 
@@ -79,7 +78,13 @@ def build(*plugins: tuple[str, object]) -> Registry:
 def test_registration_and_lookup():
     reg = build(("test:one", Plugin(("scorer", "score_a", ScorerA), ("selector", "select_b", SelectorB))))
     comp = reg.get("scorer", "score_a")
-    assert (comp.kind, comp.name, comp.cls, comp.settings, comp.origin) == ("scorer", "score_a", ScorerA, _Settings, "test:one")
+    assert (comp.kind, comp.name, comp.cls, comp.settings, comp.origin) == (
+        "scorer",
+        "score_a",
+        ScorerA,
+        _Settings,
+        "test:one",
+    )
     assert comp.summary == "Scorer A: first docstring line is the summary."
     assert reg.get("selector", "select_b").settings is SelectorB.Settings
     assert reg.names("scorer") == ["score_a"]
@@ -106,6 +111,39 @@ def test_adapters_have_empty_settings_and_match_model_types():
     assert reg.adapter_for("llama") is None
 
 
+def test_architecture_registers_its_spec_and_adapter():
+    from tokenreduce.core.arch import ArchSpec
+    from tokenreduce.core.errors import UnsupportedModelError
+
+    class ArchD(ArchSpec):
+        model_type = "arch_d"
+        adapter = AdapterC
+
+    spec = ArchD()
+    reg = build(("test:arch", Plugin(lambda r: r.architecture(spec))))
+    assert reg.spec_for("arch_d") is spec
+    assert reg.get("adapter", "arch_d").cls is AdapterC
+    assert reg.get("architecture", "arch_d").origin == "test:arch"
+    assert reg.specs() == [spec]
+    with pytest.raises(
+        UnsupportedModelError, match=r"'nope' has no registered architecture.*registered architectures: arch_d"
+    ):
+        reg.spec_for("nope")
+    # a spec method the architecture does not provide fails with its name, not an AttributeError
+    with pytest.raises(UnsupportedModelError, match=r"architecture 'arch_d' .* does not provide vision_flops"):
+        spec.vision_flops(None, 4)
+    with pytest.raises(TypeError, match="expected an ArchSpec instance"):
+        build(("test:bad", Plugin(lambda r: r.architecture(ArchD))))
+
+
+def test_adapter_without_spec_is_named_as_such():
+    from tokenreduce.core.errors import UnsupportedModelError
+
+    reg = build(("test:adapters", Plugin(("adapter", "arch_c", AdapterC))))
+    with pytest.raises(UnsupportedModelError, match="only an adapter is registered for it"):
+        reg.spec_for("arch_c", what="the model loader")
+
+
 def test_each_entry_carries_its_own_plugins_origin():
     reg = build(
         ("test:first", Plugin(("scorer", "score_a", ScorerA))),
@@ -121,9 +159,16 @@ def test_each_entry_carries_its_own_plugins_origin():
 
 def test_components_sorted_and_filtered_by_kind():
     reg = build(
-        ("test:one", Plugin(("selector", "zeta", SelectorB), ("selector", "alpha", SelectorB), ("scorer", "mid", ScorerA)))
+        (
+            "test:one",
+            Plugin(("selector", "zeta", SelectorB), ("selector", "alpha", SelectorB), ("scorer", "mid", ScorerA)),
+        )
     )
-    assert [(c.kind, c.name) for c in reg.components()] == [("scorer", "mid"), ("selector", "alpha"), ("selector", "zeta")]
+    assert [(c.kind, c.name) for c in reg.components()] == [
+        ("scorer", "mid"),
+        ("selector", "alpha"),
+        ("selector", "zeta"),
+    ]
     assert [c.name for c in reg.components("selector")] == ["alpha", "zeta"]
 
 
@@ -150,7 +195,12 @@ def test_list_components_output(monkeypatch):
     reg = build(("test:one", Plugin(("scorer", "score_a", ScorerA), ("selector", "select_b", SelectorB))))
     monkeypatch.setattr(registry_mod, "_registry", reg)
     assert list_components() == [
-        {"kind": "scorer", "name": "score_a", "origin": "test:one", "summary": "Scorer A: first docstring line is the summary."},
+        {
+            "kind": "scorer",
+            "name": "score_a",
+            "origin": "test:one",
+            "summary": "Scorer A: first docstring line is the summary.",
+        },
         {"kind": "selector", "name": "select_b", "origin": "test:one", "summary": "Selector B."},
     ]
     assert [c["name"] for c in list_components("selector")] == ["select_b"]
@@ -160,7 +210,14 @@ def test_list_components_output(monkeypatch):
 
 
 def test_unknown_name_lists_known_ones():
-    reg = build(("test:one", Plugin(("selector", "select_b", SelectorB), ("selector", "alpha", SelectorB), ("scorer", "score_a", ScorerA))))
+    reg = build(
+        (
+            "test:one",
+            Plugin(
+                ("selector", "select_b", SelectorB), ("selector", "alpha", SelectorB), ("scorer", "score_a", ScorerA)
+            ),
+        )
+    )
     with pytest.raises(UnknownComponentError) as info:
         reg.get("selector", "nope", context="stages.3.selector.name")
     msg = str(info.value)
@@ -224,7 +281,13 @@ def test_settings_must_be_a_pydantic_model():
 # ---------------------------------------------------------------------------- the default registry
 
 
-BUILTINS = {("adapter", "llava"), ("selector", "topk"), ("selector", "random"), ("selector", "uniform"), ("scorer", "norm")}
+BUILTINS = {
+    ("adapter", "llava"),
+    ("selector", "topk"),
+    ("selector", "random"),
+    ("selector", "uniform"),
+    ("scorer", "norm"),
+}
 
 
 def test_default_registry_has_the_builtins_with_builtin_origin():
@@ -261,5 +324,5 @@ def test_every_component_settings_validate_defaults_and_reject_unknown_keys(comp
     with pytest.raises(ValidationError) as info:
         comp.settings.model_validate({"surely_not_a_setting": 1})
     assert "surely_not_a_setting" in str(info.value)
-    if comp.kind != "adapter":
+    if comp.kind in ("scorer", "selector"):
         comp.cls(settings)  # instantiable from default settings

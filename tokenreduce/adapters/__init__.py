@@ -1,7 +1,9 @@
-"""Adapters: the only code that touches a model.  One module per architecture, plus the shared
-cut mechanics (:mod:`.decoder_cut`), masks (:mod:`.masks`) and signals (:mod:`.llama_signals`).
+"""Adapters: the only code that touches a model.  One folder per architecture (its adapter, its
+:class:`~tokenreduce.core.arch.ArchSpec`, its tiny test model), plus the shared cut engine
+(:mod:`.cut`), masks (:mod:`.masks`) and signals (:mod:`.llama_signals`, :mod:`.vision_signals`).
+See ``docs/writing-an-adapter.md``.
 
-Built-in adapters register through the same pluggy hook as third-party ones.
+Built-in architectures register through the same pluggy hook as third-party ones.
 """
 
 from tokenreduce.core.registry import hookimpl
@@ -9,10 +11,10 @@ from tokenreduce.core.registry import hookimpl
 
 @hookimpl
 def tokenreduce_register(registry) -> None:
-    from .llava import LlavaAdapter
-    from .llava_next import LlavaNextAdapter
-    from .qwen2_5_vl import Qwen2_5_VLAdapter
+    from .llava.spec import LlavaSpec
+    from .llava_next.spec import LlavaNextSpec
+    from .qwen2_5_vl.spec import Qwen2_5_VLSpec
 
-    registry.adapter("llava", LlavaAdapter)
-    registry.adapter("llava_next", LlavaNextAdapter)
-    registry.adapter("qwen2_5_vl", Qwen2_5_VLAdapter)
+    registry.architecture(LlavaSpec())
+    registry.architecture(LlavaNextSpec())
+    registry.architecture(Qwen2_5_VLSpec())

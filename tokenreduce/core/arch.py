@@ -19,15 +19,16 @@ the missing method, so a partial spec fails clearly where it is used.  Writing o
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import UnsupportedModelError
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch import Generator, Tensor
 
-__all__ = ["ArchSpec", "SyntheticImage", "VisionCost"]
+__all__ = ["ArchSpec", "SyntheticImage", "TinyCommon", "VisionCost"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,40 @@ class VisionCost:
     detail: dict = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class TinyCommon:
+    """What every tiny test model shares, handed to :meth:`ArchSpec.tiny_config` (so that an
+    architecture folder needs nothing from the test helpers): the special tokens of the shared
+    tiny tokenizer in id order, the vocabulary size and the standard deviation of the weights.
+    The values in use are :data:`tokenreduce.testing.tiny.TINY`.
+    """
+
+    special_tokens: tuple[str, ...]
+    vocab_size: int = 1000
+    init_std: float = 0.2
+    pad_token: str = "<pad>"
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+
+    def id(self, token: str) -> int:
+        """The id of a special token (its index in :attr:`special_tokens`)."""
+        if token not in self.special_tokens:
+            raise KeyError(f"{token!r} is not a special token of the tiny tokenizer ({', '.join(self.special_tokens)})")
+        return self.special_tokens.index(token)
+
+    @property
+    def pad_id(self) -> int:
+        return self.id(self.pad_token)
+
+    @property
+    def bos_id(self) -> int:
+        return self.id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int:
+        return self.id(self.eos_token)
+
+
 class ArchSpec:
     """One architecture's spec: a class whose instance is registered with
     ``registry.architecture(spec)`` (one per ``model_type``).
@@ -76,6 +111,8 @@ class ArchSpec:
 
     #: the Hugging Face ``config.model_type`` this spec describes (also its registry name)
     model_type: ClassVar[str] = ""
+    #: a human name for messages (e.g. "LLaVA-1.5"); empty: the model type
+    display_name: ClassVar[str] = ""
     #: the :class:`~tokenreduce.core.interfaces.ModelAdapter` class that attaches plans to it
     adapter: ClassVar[type | None] = None
     #: the prompt text of one image, expanded by the processor into the visual tokens
@@ -105,6 +142,11 @@ class ArchSpec:
         """The ``transformers`` model class (``from_pretrained`` / ``_from_config``)."""
         raise self._missing("model_class() (the transformers model class)")
 
+    def config_class(self) -> type:
+        """The ``transformers`` config class (default: the model class's ``config_class``)."""
+        model_class: Any = self.model_class()
+        return model_class.config_class
+
     def load_processor(self, source: Any, **kwargs: Any) -> Any:
         """The processor of a checkpoint (``kwargs``: ``revision``, ``local_files_only``).
         Default: ``AutoProcessor.from_pretrained``."""
@@ -113,13 +155,22 @@ class ArchSpec:
         return AutoProcessor.from_pretrained(source, **kwargs)
 
     # -- prompts ----------------------------------------------------------------------------------
+    def default_prompt(self) -> str:
+        """The prompt template (image placeholder + ``{question}``) used when neither the model
+        conf (``model.prompt``) nor the root config (``prompts.<model_type>``) gives one: a
+        LLaVA-style single turn with the short-answer instruction."""
+        return (
+            f"USER: {self.image_placeholder}\n{{question}}\nAnswer the question using a single word or phrase. "
+            "ASSISTANT:"
+        )
+
     def prompt_images(self, n_images: int) -> str:
         """The placeholders of ``n_images`` images, as they stand together in a prompt."""
         return self.placeholder_separator.join([self.image_placeholder] * n_images)
 
     # -- synthetic inputs -------------------------------------------------------------------------
     def synthetic_image(
-        self, config: Any, batch_size: int, n_visual: int | None, generator: "Generator"
+        self, config: Any, batch_size: int, n_visual: int | None, generator: Generator
     ) -> SyntheticImage:
         """One random image per sample for ``config``, with ``n_visual`` LLM visual tokens when
         the architecture allows it (a wish: fixed-size towers ignore it).  The generic code in
@@ -135,7 +186,9 @@ class ArchSpec:
         vision_crops: int | None = None,
         vision_grid: tuple[int, int] | None = None,
     ) -> VisionCost:
-        """Closed-form true FLOPs of the vision tower and projector for ``n_visual`` LLM tokens."""
+        """Closed-form true FLOPs of the vision tower and projector for ``n_visual >= 1`` LLM
+        visual tokens (``vision_crops`` / ``vision_grid``: how the image was cut, where the
+        architecture has such a choice; see :func:`tokenreduce.measure.flops.account`)."""
         raise self._missing("vision_flops() (vision-side FLOPs)")
 
     def count_vision_flops(
@@ -146,6 +199,24 @@ class ArchSpec:
         raise self._missing("count_vision_flops() (the meta-device FLOP cross-check)")
 
     # -- viz --------------------------------------------------------------------------------------
+    @staticmethod
+    def denormalize(pixels: Tensor, processor: Any) -> Any:
+        """``[3, H, W]`` normalised pixels -> an RGB PIL picture (the processor's mean/std and
+        rescaling undone), for :meth:`panel_pictures`."""
+        import torch
+        from PIL import Image
+
+        ip = getattr(processor, "image_processor", processor)
+        mean = torch.tensor(getattr(ip, "image_mean", None) or [0.0, 0.0, 0.0]).view(3, 1, 1)
+        std = torch.tensor(getattr(ip, "image_std", None) or [1.0, 1.0, 1.0]).view(3, 1, 1)
+        x = pixels.detach().float().cpu()
+        if getattr(ip, "do_normalize", True):
+            x = x * std + mean
+        if not getattr(ip, "do_rescale", True):
+            x = x / 255.0
+        arr = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        return Image.fromarray(arr, "RGB")
+
     def panel_pictures(
         self, inputs: Mapping[str, Any], processor: Any, sample: int, panels: Sequence[int]
     ) -> dict[int, Any]:
@@ -155,8 +226,14 @@ class ArchSpec:
         return {}
 
     # -- tiny test models -------------------------------------------------------------------------
-    def tiny_config(self, **kwargs: Any) -> Any:
-        """A tiny ``transformers`` config (``text_layers=...`` and :attr:`tiny_options`)."""
+    @property
+    def has_tiny(self) -> bool:
+        """Whether this spec builds a tiny test model (it overrides :meth:`tiny_config`)."""
+        return type(self).tiny_config is not ArchSpec.tiny_config
+
+    def tiny_config(self, common: TinyCommon, **kwargs: Any) -> Any:
+        """A tiny ``transformers`` config with ``common``'s token ids, vocabulary size and weight
+        std; keywords: ``text_layers`` and :attr:`tiny_options`."""
         raise self._missing("tiny_config() (a tiny random-weight test model)")
 
     def tiny_processor(self, tokenizer: Any, **kwargs: Any) -> Any:
@@ -164,8 +241,9 @@ class ArchSpec:
         raise self._missing("tiny_processor() (a local processor for the tiny model)")
 
     def tiny_prompt(self, prompt: str) -> str:
-        """A test prompt written with ``<image>`` placeholders, in this architecture's form."""
-        return prompt if self.image_placeholder == "<image>" else prompt.replace("<image>", self.image_placeholder)
+        """A test prompt written with ``<image>`` placeholders, in this architecture's form (a
+        prompt that already holds :attr:`image_placeholder` is kept as it is)."""
+        return prompt if self.image_placeholder in prompt else prompt.replace("<image>", self.image_placeholder)
 
     def __repr__(self) -> str:
         return f"<ArchSpec {self.model_type!r} ({type(self).__module__}.{type(self).__name__})>"

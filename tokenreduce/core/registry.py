@@ -25,8 +25,9 @@ import importlib
 import importlib.metadata
 import re
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 from pydantic import BaseModel
@@ -49,7 +50,7 @@ class HookSpecs:
     """The plugin hook surface (one hook)."""
 
     @hookspec
-    def tokenreduce_register(self, registry: "Registrar") -> None:
+    def tokenreduce_register(self, registry: Registrar) -> None:
         """Register components by calling ``registry.scorer/selector/adapter``."""
 
 
@@ -74,7 +75,7 @@ class Component:
 class Registrar:
     """Handed to each plugin's ``tokenreduce_register``; records entries with the plugin's origin."""
 
-    def __init__(self, registry: "Registry", origin: str):
+    def __init__(self, registry: Registry, origin: str):
         self._registry = registry
         self._origin = origin
 
@@ -84,7 +85,7 @@ class Registrar:
     def selector(self, name: str, cls: type, settings: type[BaseModel] | None = None) -> None:
         self._registry._add("selector", name, cls, settings, self._origin)
 
-    def architecture(self, spec: "ArchSpec") -> None:
+    def architecture(self, spec: ArchSpec) -> None:
         """Register an architecture: its :class:`~tokenreduce.core.arch.ArchSpec` instance, under
         ``spec.model_type``, and its adapter (``spec.adapter``) under the same name."""
         if not isinstance(spec, ArchSpec):
@@ -139,7 +140,7 @@ class Registry:
         self._entries[key] = Component(kind, name, cls, settings, origin, spec)
 
     @classmethod
-    def from_plugin_manager(cls, pm: pluggy.PluginManager) -> "Registry":
+    def from_plugin_manager(cls, pm: pluggy.PluginManager) -> Registry:
         """Call every registered plugin's hook, each with a registrar that knows its origin."""
         registry = cls()
         for plugin in pm.get_plugins():
@@ -148,9 +149,9 @@ class Registry:
                 continue
             origin = pm.get_name(plugin) or repr(plugin)
             # call the hook of this plugin alone, so every entry carries its own origin
-            pm.subset_hook_caller("tokenreduce_register", remove_plugins=[p for p in pm.get_plugins() if p is not plugin])(
-                registry=Registrar(registry, origin)
-            )
+            pm.subset_hook_caller(
+                "tokenreduce_register", remove_plugins=[p for p in pm.get_plugins() if p is not plugin]
+            )(registry=Registrar(registry, origin))
         return registry
 
     # -- lookup -------------------------------------------------------------------------------
@@ -171,6 +172,11 @@ class Registry:
         return [c for (k, _), c in sorted(self._entries.items()) if kind is None or k == kind]
 
     def adapter_for(self, model_type: str) -> Component | None:
+        """The adapter for ``model_type``: the one an architecture registered under that name,
+        else the first adapter class whose ``model_types`` lists it."""
+        comp = self._entries.get(("adapter", model_type))
+        if comp is not None and ("architecture", model_type) in self._entries:
+            return comp
         for comp in self.components("adapter"):
             if model_type in getattr(comp.cls, "model_types", (comp.name,)):
                 return comp
@@ -178,9 +184,10 @@ class Registry:
 
     def model_types(self) -> list[str]:
         """Every ``model_type`` an adapter is registered for, sorted."""
-        return sorted({t for c in self.components("adapter") for t in getattr(c.cls, "model_types", (c.name,))})
+        types = {t for c in self.components("adapter") for t in getattr(c.cls, "model_types", (c.name,))}
+        return sorted(types | set(self.names("architecture")))
 
-    def spec_for(self, model_type: str, *, what: str = "") -> "ArchSpec":
+    def spec_for(self, model_type: str, *, what: str = "") -> ArchSpec:
         """The :class:`~tokenreduce.core.arch.ArchSpec` registered for ``model_type``.
 
         Raises:
@@ -198,7 +205,7 @@ class Registry:
             f"registered architectures: {', '.join(known) or '(none)'}"
         )
 
-    def specs(self) -> list["ArchSpec"]:
+    def specs(self) -> list[ArchSpec]:
         """Every registered architecture spec, sorted by model type."""
         return [c.spec for c in self.components("architecture")]
 
@@ -211,7 +218,9 @@ def _dist_label(ep: importlib.metadata.EntryPoint) -> str:
     return "an unknown distribution"
 
 
-def make_plugin_manager(builtins: Iterable[tuple[str, Any]] | None = None, entry_points: bool = True) -> pluggy.PluginManager:
+def make_plugin_manager(
+    builtins: Iterable[tuple[str, Any]] | None = None, entry_points: bool = True
+) -> pluggy.PluginManager:
     """A plugin manager with the built-in plugins and (optionally) the ``tokenreduce`` entry points."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(HookSpecs)

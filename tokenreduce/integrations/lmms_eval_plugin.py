@@ -140,14 +140,18 @@ class TokenReduceLMM(lmms):
         self.args = _parse_args(kwargs)
         self.plan = _load_plan(self.args.plan)
         self.loaded = load_pretrained(
-            self.args.pretrained, revision=self.args.revision, dtype=self.args.dtype,
-            attn_implementation=self.args.attn_implementation, device=self.args.device,
+            self.args.pretrained,
+            revision=self.args.revision,
+            dtype=self.args.dtype,
+            attn_implementation=self.args.attn_implementation,
+            device=self.args.device,
             prompt=self.args.prompt,
         )
         if self.plan is not None:
             compile_for(self.loaded.model, self.plan)  # a plan the model cannot run fails here, not mid-evaluation
         self.template = self.loaded.prompt_template()
-        self.placeholder = _image_placeholder(self.loaded.arch)
+        self.spec = self.loaded.spec
+        self.placeholder = self.spec.image_placeholder
         if self.placeholder not in self.template:
             raise TokenReduceError(
                 f"model_args prompt: the template {self.template!r} has no image placeholder {self.placeholder!r}"
@@ -165,8 +169,7 @@ class TokenReduceLMM(lmms):
         text = context
         if self.placeholder in text:
             return self.template.replace(self.placeholder, "").replace("{question}", text)
-        images = "".join([self.placeholder] * n_images) if self.loaded.arch == "qwen2_5_vl" else (
-            " ".join([self.placeholder] * n_images))
+        images = self.spec.prompt_images(n_images)
         return self.template.replace(self.placeholder, images).replace("{question}", text)
 
     def _inputs(self, prompts: list[str], images: list[list[Any]]) -> dict[str, Any]:
@@ -208,8 +211,13 @@ class TokenReduceLMM(lmms):
         trace = att.trace
         with open(self.args.trace_file, "a") as f:
             for b, (task, doc_id) in enumerate(requests):
-                record = {"task": task, "doc_id": doc_id, "plan": self.plan.name,
-                          "visual_per_layer": trace.visual_per_layer(b), "layer_average": trace.layer_average(b)}
+                record = {
+                    "task": task,
+                    "doc_id": doc_id,
+                    "plan": self.plan.name,
+                    "visual_per_layer": trace.visual_per_layer(b),
+                    "layer_average": trace.layer_average(b),
+                }
                 f.write(json.dumps(record) + "\n")
 
     # -- lmms-eval interface ------------------------------------------------------------------
@@ -299,11 +307,16 @@ class TokenReduceLMM(lmms):
         config = copy.deepcopy(self.loaded.model.generation_config)
         config.update(
             eos_token_id=None,  # an end-of-sequence token inside the continuation must not stop it
-            max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True, return_dict_in_generate=True,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         out = self.loaded.model.generate(
-            **inputs, generation_config=config,
+            **inputs,
+            generation_config=config,
             logits_processor=LogitsProcessorList([_ForceTokens(target_ids, inputs["input_ids"].shape[1])]),
         )
         logits = torch.stack([step[0] for step in out.logits]).float()  # [T, V], before any processor
@@ -313,10 +326,6 @@ class TokenReduceLMM(lmms):
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise TokenReduceError(f"--model {MODEL_NAME}: multi-round generation is not implemented")
-
-
-def _image_placeholder(arch: str) -> str:
-    return "<|vision_start|><|image_pad|><|vision_end|>" if arch == "qwen2_5_vl" else "<image>"
 
 
 def _cut_at(text: str, until: list[str]) -> str:

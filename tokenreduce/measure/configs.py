@@ -4,7 +4,7 @@ A model YAML (Hydra config group ``model``) describes a model for tokenreduce.  
 here (the model loader validates the rest)::
 
     kind: config          # tiny | config | pretrained
-    arch: llava           # llava | llava_next | qwen2_5_vl
+    arch: llava           # a registered architecture (its config.model_type)
     text_layers: null     # optional: build with fewer decoder layers
     path: null            # a local folder for kind: pretrained
     n_visual: 576         # nominal visual tokens entering the LLM
@@ -14,23 +14,75 @@ here (the model loader validates the rest)::
 ``conf/model`` ships the real configs of LLaVA-1.5-7B, LLaVA-NeXT-7B (vicuna) and
 Qwen2.5-VL-7B (``llava_1_5_7b``, ``llava_next_7b``, ``qwen2_5_vl_7b``): FLOPs and KV cache of
 the real sizes can be accounted, and the models built on the ``meta`` device, with no download.
+
+The configs of checkpoints (:func:`pretrained_config`: a local folder, ``pkg:...`` or a Hub id)
+are read here too; :mod:`tokenreduce.models` loads the weights on top of these.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import importlib.resources
+import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from tokenreduce.core.errors import PlanError
+from tokenreduce.core.errors import PlanError, TokenReduceError
 from tokenreduce.core.presets import compose, conf_dir, preset_names
+from tokenreduce.core.registry import get_registry
 
-#: ``arch`` values and the ``model_type`` of their Hugging Face config
-ARCH_MODEL_TYPES = {"llava": "llava", "llava_next": "llava_next", "qwen2_5_vl": "qwen2_5_vl"}
 KINDS = ("tiny", "config", "pretrained")
+#: model conf keys that only some tiny models take (an architecture's ``ArchSpec.tiny_options``)
+TINY_OPTION_KEYS = ("image_size", "patch")
+
+
+def architectures() -> list[str]:
+    """The registered architectures (``model.arch`` values = their ``config.model_type``), sorted."""
+    return get_registry().names("architecture")
+
+
+def check_arch(arch: str) -> str:
+    """``arch`` if it is a registered architecture, else a ``ValueError`` listing them."""
+    known = architectures()
+    if arch not in known:
+        raise ValueError(f"{arch!r} is not a registered architecture; registered architectures: {', '.join(known)}")
+    return arch
+
+
+def tiny_kwargs(arch: str, model_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The keywords of the tiny ``arch`` model a model conf asks for: ``text_layers`` and the
+    architecture's ``tiny_options`` that are set.
+
+    Raises:
+        ValueError: an option (``image_size``, ``patch``) this architecture's tiny model does not take.
+    """
+    spec = get_registry().spec_for(arch, what="a tiny model")
+    kw: dict[str, Any] = {}
+    if model_cfg.get("text_layers") is not None:
+        kw["text_layers"] = model_cfg["text_layers"]
+    for key in dict.fromkeys((*TINY_OPTION_KEYS, *spec.tiny_options)):
+        if model_cfg.get(key) is None:
+            continue
+        if key not in spec.tiny_options:
+            takes = ", ".join(f"model.{k}" for k in spec.tiny_options) or "none"
+            raise ValueError(f"model.{key} does not apply to the tiny {arch!r} model (its options: {takes})")
+        kw[key] = model_cfg[key]
+    return kw
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ARCH_MODEL_TYPES":  # deprecated (one release): the registry knows the architectures
+        warnings.warn(
+            "tokenreduce.measure.configs.ARCH_MODEL_TYPES is deprecated; use architectures()",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {arch: arch for arch in architectures()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def model_config(name: str) -> dict[str, Any]:
@@ -56,7 +108,7 @@ def hf_config(model_cfg: Mapping[str, Any]) -> PretrainedConfig:
     * ``hf_config`` given: ``AutoConfig.for_model(hf_config["model_type"], **rest)``;
     * else ``kind: pretrained`` with ``path``: ``AutoConfig.from_pretrained(path)`` (local files only);
     * else ``kind: tiny``: the tiny test config of ``tokenreduce.testing.tiny`` for ``arch``
-      (``text_layers``, ``image_size``, ``patch`` forwarded when present).
+      (``text_layers`` and the architecture's tiny options, e.g. ``image_size``, forwarded).
 
     ``text_layers`` (when not null) sets the decoder depth of the result.
 
@@ -69,10 +121,15 @@ def hf_config(model_cfg: Mapping[str, Any]) -> PretrainedConfig:
     if kind not in KINDS:
         raise ValueError(f"model.kind={kind!r} is not one of {', '.join(KINDS)}")
     arch = model_cfg.get("arch")
-    if arch is not None and arch not in ARCH_MODEL_TYPES:
-        raise ValueError(f"model.arch={arch!r} is not one of {', '.join(ARCH_MODEL_TYPES)}")
+    if arch is not None:
+        try:
+            check_arch(arch)
+        except ValueError as exc:
+            raise ValueError(f"model.arch: {exc}") from None
     text_layers = model_cfg.get("text_layers")
-    if text_layers is not None and (isinstance(text_layers, bool) or not isinstance(text_layers, int) or text_layers < 1):
+    if text_layers is not None and (
+        isinstance(text_layers, bool) or not isinstance(text_layers, int) or text_layers < 1
+    ):
         raise ValueError(f"model.text_layers must be null or an integer >= 1; got {text_layers!r}")
 
     raw = model_cfg.get("hf_config")
@@ -81,10 +138,10 @@ def hf_config(model_cfg: Mapping[str, Any]) -> PretrainedConfig:
             raise ValueError("model.hf_config must be a mapping with a 'model_type' key (the Hugging Face config dict)")
         data = copy.deepcopy(dict(raw))
         model_type = data.pop("model_type")
-        if arch is not None and ARCH_MODEL_TYPES[arch] != model_type:
+        if arch is not None and arch != model_type:
             raise ValueError(
                 f"model.arch={arch!r} does not match model.hf_config.model_type={model_type!r} "
-                f"(arch {arch!r} needs model_type {ARCH_MODEL_TYPES[arch]!r})"
+                "(model.arch is the model_type of the architecture)"
             )
         if text_layers is not None:
             text = data.get("text_config")
@@ -108,21 +165,13 @@ def hf_config(model_cfg: Mapping[str, Any]) -> PretrainedConfig:
                 "model.kind=pretrained needs model.path (a local folder with config.json), model.repo (a Hugging Face "
                 "Hub id) or model.hf_config"
             )
-        from tokenreduce.models import pretrained_config
-
         config, _ = pretrained_config(source, None if model_cfg.get("path") else model_cfg.get("revision"))
     elif kind == "tiny":
         if arch is None:
-            raise ValueError(f"model.kind=tiny needs model.arch (one of {', '.join(ARCH_MODEL_TYPES)})")
+            raise ValueError(f"model.kind=tiny needs model.arch (one of {', '.join(architectures())})")
         from tokenreduce.testing import tiny
 
-        kw: dict[str, Any] = {}
-        if text_layers is not None:
-            kw["text_layers"] = text_layers
-        if arch in ("llava", "llava_next"):
-            kw.update({k: model_cfg[k] for k in ("image_size", "patch") if model_cfg.get(k) is not None})
-        builder = {"llava": tiny.llava_config, "llava_next": tiny.llava_next_config, "qwen2_5_vl": tiny.qwen2_5_vl_config}
-        return builder[arch](**kw)
+        return tiny.tiny_config(arch, **tiny_kwargs(arch, model_cfg))
     else:
         raise ValueError("model.hf_config is required for model.kind=config (the Hugging Face config dict)")
     if text_layers is not None:
@@ -133,3 +182,78 @@ def hf_config(model_cfg: Mapping[str, Any]) -> PretrainedConfig:
 def real_config(name: str) -> PretrainedConfig:
     """The ``transformers`` config of ``conf/model/<name>.yaml`` (e.g. ``"llava_1_5_7b"``), no weights."""
     return hf_config(model_config(name))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------
+def resolve_path(path: str) -> Path:
+    """A model folder: ``pkg:<package>/<sub/folder>`` inside an installed package, else a local
+    path (``~`` expanded; relative to the working directory)."""
+    if path.startswith("pkg:"):
+        package, _, sub = path[4:].partition("/")
+        try:
+            root = importlib.resources.files(package)
+        except (ModuleNotFoundError, TypeError):
+            raise TokenReduceError(f"model.path={path!r}: package {package!r} is not installed") from None
+        folder = Path(str(root.joinpath(sub)))
+    else:
+        folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise TokenReduceError(
+            f"model.path={path!r}: no such folder ({folder.resolve()}); models load from local folders only"
+        )
+    return folder
+
+
+def pretrained_config(source: str | Path, revision: str | None = None):
+    """The ``transformers`` config of a checkpoint (a local folder, ``pkg:...`` or a Hub id),
+    with the hub errors turned into messages that say what to do.
+
+    A local folder (or ``pkg:``) is read with ``local_files_only``; anything else is treated as
+    a Hub repository id and resolved through the Hugging Face cache (downloading only
+    ``config.json`` when the hub is reachable).
+
+    Raises:
+        TokenReduceError: no such folder; the hub is unreachable (offline) and the repository is not
+            cached; the repository does not exist or needs a login.
+    """
+    from transformers import AutoConfig
+
+    local = _local_folder(source)
+    if local is not None:
+        return AutoConfig.from_pretrained(local, local_files_only=True), local
+    repo = str(source)
+    try:
+        return AutoConfig.from_pretrained(repo, revision=revision), repo
+    except OSError as exc:
+        raise TokenReduceError(_hub_error(repo, revision, exc)) from None
+
+
+def _local_folder(source: str | Path) -> Path | None:
+    """``source`` as a local folder (``pkg:`` resolved), or ``None`` when it is a Hub id."""
+    text = str(source)
+    if isinstance(source, Path) or text.startswith(("pkg:", "/", ".", "~")) or Path(text).expanduser().is_dir():
+        return resolve_path(text)
+    if text.count("/") > 1 or not text.strip("/"):
+        raise TokenReduceError(
+            f"{text!r} is neither a local folder nor a Hugging Face Hub id (org/name); models load from one of the two"
+        )
+    return None
+
+
+def _hub_error(repo: str, revision: str | None, exc: OSError) -> str:
+    """A clear message for a failed hub lookup of ``repo`` (offline, unknown, gated)."""
+    from huggingface_hub import constants
+
+    message = str(exc)
+    at = f" at revision {revision!r}" if revision else ""
+    lowered = message.lower()
+    if constants.HF_HUB_OFFLINE or "couldn't connect" in lowered or "offline" in lowered or "connection" in lowered:
+        return (
+            f"cannot load {repo!r}{at}: the Hugging Face Hub is unreachable (offline"
+            f"{', HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else ''}) and the checkpoint is not in the local "
+            f"cache ({constants.HF_HUB_CACHE}). Download it where the hub is reachable (`hf download {repo} "
+            f"--local-dir DIR`), copy DIR here and point at it: model.path=DIR on the command line, "
+            f"pretrained=DIR for lmms-eval, load_pretrained('DIR') in Python; or set HF_HOME to a cache that holds it."
+        )
+    first = message.splitlines()[0] if message else repr(exc)
+    return f"cannot load {repo!r}{at} from the Hugging Face Hub ({repo!r} is no local folder either): {first}"

@@ -1,15 +1,11 @@
 """Tiny random-weight VLMs, a local tokenizer and local processors, for tests (no network).
 
-Three model kinds are supported, each named by its ``config.model_type``:
-
-- ``"llava"``: LLaVA-1.5 (CLIP vision tower + Llama decoder). With the defaults (56 px images,
-  14 px patches) an image gives ``(56 // 14) ** 2 = 16`` visual tokens (the CLS token is dropped by
-  the ``"default"`` feature-selection strategy).
-- ``"llava_next"``: LLaVA-NeXT anyres (grid pinpoints ``[[56, 112], [112, 56], [112, 112]]``). The
-  number of visual tokens depends on the image size: base 16 + the unpadded high-resolution grid +
-  one newline token per grid row (a 100x80 (w x h) image gives 70).
-- ``"qwen2_5_vl"``: Qwen2.5-VL (windowed ViT with a 2x2 patch merger + Qwen2 decoder with 3-D mrope).
-  A 100x80 (w x h) image becomes 6x8 = 48 patches of 14 px, i.e. 12 tokens after the 2x2 merge.
+One tiny model per registered architecture whose :class:`~tokenreduce.core.arch.ArchSpec`
+builds one (:data:`KINDS`, named by ``config.model_type``); the config, the processor, the test
+image size and the chat template come from the architecture's folder
+(``tokenreduce/adapters/<arch>/tiny.py``).  Shared here: the word-level tokenizer and its special
+tokens (:data:`SPECIAL_TOKENS`, the same ids for every architecture), the weight initialisation
+and the test pictures.  The architectures' facts: ``docs/writing-an-adapter.md``.
 
 Weights are random but deterministic for a given seed, and re-initialised with a large standard
 deviation (0.2) so that attention is peaked and different tokens give different hidden states and
@@ -18,39 +14,31 @@ repeats one token).
 
 Typical use::
 
-    model = build_tiny("llava")
-    inputs = make_inputs("llava", ["USER: <image> what color is the shape? ASSISTANT:"])
-    out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    for kind in KINDS:
+        model = build_tiny(kind)
+        inputs = make_inputs(kind, ["USER: <image> what color is the shape? ASSISTANT:"])
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import nn
+from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerFast, ProcessorMixin
 
-from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
-from transformers import (
-    BatchFeature,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    PreTrainedModel,
-    PreTrainedTokenizerFast,
-    ProcessorMixin,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-)
+from tokenreduce.core.arch import ArchSpec, TinyCommon
+from tokenreduce.core.errors import UnknownComponentError
+from tokenreduce.core.registry import get_registry
 
+# also KINDS, CHAT_TEMPLATES and QWEN_IMAGE_PLACEHOLDER, computed from the registry on use (__getattr__)
 __all__ = [
-    "KINDS",
+    "TINY",
     "SPECIAL_TOKENS",
     "IMAGE_TOKEN_ID",
     "IMAGE_PAD_TOKEN_ID",
@@ -60,10 +48,10 @@ __all__ = [
     "PAD_TOKEN_ID",
     "BOS_TOKEN_ID",
     "EOS_TOKEN_ID",
-    "QWEN_IMAGE_PLACEHOLDER",
     "make_tokenizer",
-    "CHAT_TEMPLATES",
     "save_tiny_checkpoint",
+    "tiny_spec",
+    "tiny_config",
     "llava_config",
     "llava_next_config",
     "qwen2_5_vl_config",
@@ -72,8 +60,6 @@ __all__ = [
     "make_image",
     "make_inputs",
 ]
-
-KINDS = ("llava", "llava_next", "qwen2_5_vl")
 
 #: Special tokens, in id order: ``<unk>``=0, ``<pad>``=1, ``<s>``=2, ``</s>``=3, ``<image>``=4,
 #: ``<|vision_start|>``=5, ``<|vision_end|>``=6, ``<|image_pad|>``=7, ``<|video_pad|>``=8.
@@ -88,17 +74,16 @@ SPECIAL_TOKENS = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
-PAD_TOKEN_ID = 1
-BOS_TOKEN_ID = 2
-EOS_TOKEN_ID = 3
-IMAGE_TOKEN_ID = 4  # LLaVA / LLaVA-NeXT image placeholder
-VISION_START_TOKEN_ID = 5
-VISION_END_TOKEN_ID = 6
-IMAGE_PAD_TOKEN_ID = 7  # Qwen2.5-VL image placeholder
-VIDEO_PAD_TOKEN_ID = 8
-
-#: The image placeholder a Qwen2.5-VL prompt carries (the processor expands ``<|image_pad|>``).
-QWEN_IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+#: what every tiny model shares: these special tokens, a vocabulary of 1000, weights drawn with std 0.2
+TINY = TinyCommon(SPECIAL_TOKENS, vocab_size=1000, init_std=0.2)
+PAD_TOKEN_ID = TINY.pad_id
+BOS_TOKEN_ID = TINY.bos_id
+EOS_TOKEN_ID = TINY.eos_id
+IMAGE_TOKEN_ID = TINY.id("<image>")  # LLaVA / LLaVA-NeXT image placeholder
+VISION_START_TOKEN_ID = TINY.id("<|vision_start|>")
+VISION_END_TOKEN_ID = TINY.id("<|vision_end|>")
+IMAGE_PAD_TOKEN_ID = TINY.id("<|image_pad|>")  # Qwen2.5-VL image placeholder
+VIDEO_PAD_TOKEN_ID = TINY.id("<|video_pad|>")
 
 _COLORS = ("red", "green", "blue", "yellow", "gray", "black", "white", "teal", "brown", "orange", "purple")
 _SHAPES = ("circle", "square", "triangle", "rectangle")
@@ -114,9 +99,6 @@ _CORPUS = (
     "circles squares triangles rectangles images pictures ellipse oval dark light bright",
     "Describe the picture . Answer with one word , please !",
 )
-
-_LLAVA_NEXT_PINPOINTS = [[56, 112], [112, 56], [112, 112]]
-_INIT_STD = 0.2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,139 +139,70 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 
 # ---------------------------------------------------------------------------------------------
-# configs
+# the architectures
 
 
-def _llama_text_config(
-    *,
-    vocab_size: int = 1000,
-    hidden_size: int = 64,
-    text_layers: int = 4,
-    num_attention_heads: int = 4,
-    num_key_value_heads: int = 4,
-    intermediate_size: int = 128,
-) -> LlamaConfig:
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=text_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        max_position_embeddings=2048,
-        pad_token_id=PAD_TOKEN_ID,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        initializer_range=_INIT_STD,
-    )
+def _kinds() -> tuple[str, ...]:
+    return tuple(spec.model_type for spec in get_registry().specs() if spec.has_tiny)
 
 
-def _clip_vision_config(*, image_size: int, patch: int, hidden_size: int = 32, layers: int = 2) -> CLIPVisionConfig:
-    return CLIPVisionConfig(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        image_size=image_size,
-        patch_size=patch,
-        projection_dim=hidden_size,
-    )
+def __getattr__(name: str) -> Any:
+    # computed on use, from the registry as it is then (plugins included)
+    if name == "KINDS":
+        return _kinds()
+    if name == "QWEN_IMAGE_PLACEHOLDER":  # the image placeholder of a Qwen2.5-VL prompt
+        from tokenreduce.adapters.qwen2_5_vl.spec import Qwen2_5_VLSpec
+
+        return Qwen2_5_VLSpec.image_placeholder
+    if name == "CHAT_TEMPLATES":
+        return {spec.model_type: spec.tiny_chat_template for spec in get_registry().specs() if spec.has_tiny}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def llava_config(image_size: int = 56, patch: int = 14, text_layers: int = 4, **text_kw) -> LlavaConfig:
-    """Config of a tiny LLaVA-1.5: 2-layer CLIP (width 32) + ``text_layers``-layer Llama (width 64).
+def tiny_spec(kind: str) -> ArchSpec:
+    """The registered :class:`~tokenreduce.core.arch.ArchSpec` of tiny model ``kind``.
 
-    Args:
-        image_size: vision-tower input size in pixels (square).
-        patch: patch size in pixels; an image gives ``(image_size // patch) ** 2`` visual tokens.
-        text_layers: number of decoder layers.
-        **text_kw: forwarded to the Llama text config builder (``vocab_size``, ``hidden_size``,
-            ``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``).
+    Raises:
+        UnknownComponentError: (a ``KeyError``) no registered architecture ``kind`` builds a
+            tiny model; the message lists :data:`KINDS`.
     """
-    return LlavaConfig(
-        vision_config=_clip_vision_config(image_size=image_size, patch=patch),
-        text_config=_llama_text_config(text_layers=text_layers, **text_kw),
-        image_token_index=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_seq_length=(image_size // patch) ** 2,
-    )
+    registry = get_registry()
+    if kind in registry.names("architecture"):
+        spec = registry.spec_for(kind)
+        if spec.has_tiny:
+            return spec
+    raise UnknownComponentError(f"unknown tiny model kind {kind!r}; expected one of {', '.join(_kinds())}")
 
 
-def llava_next_config(image_size: int = 56, patch: int = 14, text_layers: int = 4, **text_kw) -> LlavaNextConfig:
-    """Config of a tiny LLaVA-NeXT (anyres, grid pinpoints ``[[56, 112], [112, 56], [112, 112]]``).
-
-    Same towers as :func:`llava_config`; ``image_size`` must stay 56 for the pinpoints to be
-    multiples of it (the processor from :func:`make_processor` assumes 56).
-    """
-    return LlavaNextConfig(
-        vision_config=_clip_vision_config(image_size=image_size, patch=patch),
-        text_config=_llama_text_config(text_layers=text_layers, **text_kw),
-        image_token_index=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS,
-        image_seq_length=(image_size // patch) ** 2,
-    )
+def tiny_config(kind: str, **kw: Any) -> Any:
+    """The config of tiny model ``kind`` (``text_layers=...`` and the architecture's
+    ``tiny_options``, e.g. ``image_size`` and ``patch`` for LLaVA-1.5)."""
+    return tiny_spec(kind).tiny_config(TINY, **kw)
 
 
-def qwen2_5_vl_config(text_layers: int = 4, vocab_size: int = 1000) -> Qwen2_5_VLConfig:
-    """Config of a tiny Qwen2.5-VL: 2-block windowed ViT (width 32, 14 px patches, 2x2 merge,
-    window 56 px, block 1 full attention) + ``text_layers``-layer Qwen2 decoder (width 64, 4 heads,
-    2 KV heads, head_dim 16).
+def llava_config(image_size: int = 56, patch: int = 14, text_layers: int = 4, **text_kw: Any) -> Any:
+    """Config of the tiny LLaVA-1.5 (:func:`tiny_config`; ``text_kw``: decoder sizes)."""
+    from tokenreduce.adapters.llava.spec import LlavaSpec
 
-    mrope needs ``head_dim == 2 * sum(mrope_section)``: 16 = 2 * (2 + 3 + 3).
-    """
-    vision = dict(
-        depth=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_heads=2,
-        in_channels=3,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        window_size=56,
-        fullatt_block_indexes=[1],
-        out_hidden_size=64,
-        tokens_per_second=2,
-        initializer_range=_INIT_STD,
-    )
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=BOS_TOKEN_ID,
-        eos_token_id=EOS_TOKEN_ID,
-        pad_token_id=PAD_TOKEN_ID,
-        initializer_range=_INIT_STD,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-    )
-    return Qwen2_5_VLConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=IMAGE_PAD_TOKEN_ID,
-        video_token_id=VIDEO_PAD_TOKEN_ID,
-        vision_start_token_id=VISION_START_TOKEN_ID,
-        vision_end_token_id=VISION_END_TOKEN_ID,
-    )
+    return tiny_config(LlavaSpec.model_type, image_size=image_size, patch=patch, text_layers=text_layers, **text_kw)
+
+
+def llava_next_config(image_size: int = 56, patch: int = 14, text_layers: int = 4, **text_kw: Any) -> Any:
+    """Config of the tiny LLaVA-NeXT (``image_size`` must stay 56 for its pinpoints)."""
+    from tokenreduce.adapters.llava_next.spec import LlavaNextSpec
+
+    return tiny_config(LlavaNextSpec.model_type, image_size=image_size, patch=patch, text_layers=text_layers, **text_kw)
+
+
+def qwen2_5_vl_config(text_layers: int = 4, vocab_size: int = 1000) -> Any:
+    """Config of the tiny Qwen2.5-VL."""
+    from tokenreduce.adapters.qwen2_5_vl.spec import Qwen2_5_VLSpec
+
+    return tiny_config(Qwen2_5_VLSpec.model_type, text_layers=text_layers, vocab_size=vocab_size)
 
 
 # ---------------------------------------------------------------------------------------------
 # models
-
-_CONFIG_BUILDERS = {"llava": llava_config, "llava_next": llava_next_config, "qwen2_5_vl": qwen2_5_vl_config}
-_MODEL_CLASSES = {
-    "llava": LlavaForConditionalGeneration,
-    "llava_next": LlavaNextForConditionalGeneration,
-    "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
-}
 
 
 @torch.no_grad()
@@ -311,7 +224,7 @@ def build_tiny(
     attn_implementation: str = "sdpa",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    **kw,
+    **kw: Any,
 ) -> PreTrainedModel:
     """Build a tiny random-weight VLM in eval mode, deterministically from ``seed``.
 
@@ -319,24 +232,22 @@ def build_tiny(
     ``torch.random.fork_rng``).
 
     Args:
-        kind: ``"llava"``, ``"llava_next"`` or ``"qwen2_5_vl"``.
+        kind: one of :data:`KINDS`.
         attn_implementation: ``"sdpa"`` or ``"eager"`` (``"flash_attention_2"`` needs CUDA).
         dtype: parameter dtype (use fp32 on CPU).
         seed: weight seed; the same seed gives bit-identical weights.
-        **kw: forwarded to the config builder (e.g. ``text_layers=4``; for LLaVA ``image_size``
-            and ``patch``).
+        **kw: forwarded to the config builder (:func:`tiny_config`: ``text_layers=4``, the
+            architecture's ``tiny_options``).
 
     Returns:
-        a ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration`` or
-        ``Qwen2_5_VLForConditionalGeneration`` on CPU, in eval mode.
+        the architecture's ``transformers`` model class on CPU, in eval mode.
     """
-    if kind not in _CONFIG_BUILDERS:
-        raise KeyError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
-    config = _CONFIG_BUILDERS[kind](**kw)
+    spec = tiny_spec(kind)
+    config = spec.tiny_config(TINY, **kw)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = _MODEL_CLASSES[kind]._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-        _reinit_(model, _INIT_STD)
+        model = spec.model_class()._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+        _reinit_(model, TINY.init_std)
     return model.eval()
 
 
@@ -344,62 +255,16 @@ def build_tiny(
 # processors
 
 
-def make_processor(
-    kind: str, tokenizer: PreTrainedTokenizerFast | None = None, image_size: int = 56, patch: int = 14
-) -> ProcessorMixin:
+def make_processor(kind: str, tokenizer: PreTrainedTokenizerFast | None = None, **options: Any) -> ProcessorMixin:
     """A local processor for ``kind`` built around :func:`make_tokenizer` (left padding).
 
-    - ``"llava"``: ``LlavaProcessor`` with the PIL ``LlavaImageProcessorPil`` (resize shortest edge
-      to ``image_size``, centre-crop); ``<image>`` expands to ``(image_size // patch) ** 2``
-      placeholder tokens (16 at the default 56 px / patch 14).  Match the model's
-      ``llava_config(image_size=..., patch=...)``.
-    - ``"llava_next"``: ``LlavaNextProcessor`` with ``LlavaNextImageProcessorPil`` (anyres, base
-      56 px, pinpoints ``[[56, 112], [112, 56], [112, 112]]``); ``<image>`` expands to the number of
-      visual tokens of that image size.
-    - ``"qwen2_5_vl"``: an image-only ``Qwen2_5_VLProcessor`` (the video processor needs
-      torchvision, which has no CPU wheel) with ``Qwen2VLImageProcessorPil`` (56^2 to 112^2 pixels,
-      14 px patches, 2x2 merge); ``<|image_pad|>`` expands to the number of merged tokens.
+    ``options``: the architecture's ``tiny_options`` (LLaVA-1.5: ``image_size`` and ``patch``,
+    to match the model's).  What each processor does: the ``tiny_processor`` of the
+    architecture's spec.
     """
     tok = tokenizer if tokenizer is not None else make_tokenizer()
     tok.padding_side = "left"
-    if kind == "llava":
-        from transformers import LlavaImageProcessorPil, LlavaProcessor
-
-        image_processor = LlavaImageProcessorPil(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        )
-        return LlavaProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=patch,
-            vision_feature_select_strategy="default",
-            image_token="<image>",
-            num_additional_image_tokens=1,  # CLS, dropped by the "default" strategy
-        )
-    if kind == "llava_next":
-        from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
-
-        image_processor = LlavaNextImageProcessorPil(
-            size={"shortest_edge": 56},
-            crop_size={"height": 56, "width": 56},
-            image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS,
-        )
-        return LlavaNextProcessor(
-            image_processor=image_processor,
-            tokenizer=tok,
-            patch_size=14,
-            vision_feature_select_strategy="default",
-            image_token="<image>",
-            num_additional_image_tokens=1,
-        )
-    if kind == "qwen2_5_vl":
-        from transformers import Qwen2VLImageProcessorPil
-
-        image_processor = Qwen2VLImageProcessorPil(
-            min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2
-        )
-        return ImageOnlyQwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tok)
-    raise KeyError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
+    return tiny_spec(kind).tiny_processor(tok, **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,9 +306,6 @@ def make_image(seed: int, size: tuple[int, int] = (56, 56)) -> Image.Image:
     return image
 
 
-_DEFAULT_IMAGE_SIZE = {"llava": (56, 56), "llava_next": (100, 80), "qwen2_5_vl": (100, 80)}
-
-
 def make_inputs(
     kind: str,
     prompts: Sequence[str],
@@ -453,15 +315,16 @@ def make_inputs(
 ) -> BatchFeature:
     """Processor inputs for a batch of prompts, one image per prompt, left-padded.
 
-    Prompts mark the image with ``"<image>"`` for every kind; for ``"qwen2_5_vl"`` a prompt without
-    ``<|image_pad|>`` has its ``"<image>"`` replaced by :data:`QWEN_IMAGE_PLACEHOLDER`
-    (``<|vision_start|><|image_pad|><|vision_end|>``), so the same prompts serve all kinds.
+    Prompts mark the image with ``"<image>"`` for every kind; an architecture with another
+    placeholder (Qwen2.5-VL: ``<|vision_start|><|image_pad|><|vision_end|>``) has it substituted
+    in prompts that do not hold it already, so the same prompts serve all kinds.
 
     Args:
-        kind: ``"llava"``, ``"llava_next"`` or ``"qwen2_5_vl"``.
+        kind: one of :data:`KINDS`.
         prompts: B prompts, each with one or more image placeholders.
-        image_sizes: one ``(width, height)`` pair per image, in order; defaults to 56x56 for LLaVA and 100x80 for
-            LLaVA-NeXT and Qwen2.5-VL. LLaVA resizes every image to 56x56; the others give a
+        image_sizes: one ``(width, height)`` pair per image, in order; defaults to the
+            architecture's ``tiny_image_size`` (56x56 for LLaVA-1.5, 100x80 for LLaVA-NeXT and
+            Qwen2.5-VL).  LLaVA-1.5 resizes every image to 56x56; the others give a
             size-dependent number of visual tokens.
         seed: image ``i`` is ``make_image(seed + i, image_sizes[i])``.
         processor: defaults to ``make_processor(kind)``.
@@ -472,21 +335,18 @@ def make_inputs(
         LLaVA-NeXT ``[B, n_patches, 3, 56, 56]`` and ``image_sizes`` ``[B, 2]``; Qwen2.5-VL
         ``[sum_patches, 1176]`` and ``image_grid_thw`` ``[B, 3]``).
     """
-    if kind not in _CONFIG_BUILDERS:
-        raise KeyError(f"unknown tiny model kind {kind!r}; expected one of {KINDS}")
+    spec = tiny_spec(kind)
     processor = processor if processor is not None else make_processor(kind)
-    prompts = list(prompts)
-    per_prompt = [max(1, p.count("<image>") + p.count("<|image_pad|>")) for p in prompts]
+    prompts = [spec.tiny_prompt(p) for p in prompts]
+    per_prompt = [max(1, p.count(spec.image_placeholder)) for p in prompts]
     n_images = sum(per_prompt)
     if image_sizes is None:
-        image_sizes = [_DEFAULT_IMAGE_SIZE[kind]] * n_images
+        image_sizes = [spec.tiny_image_size] * n_images
     if len(image_sizes) != n_images:
         raise ValueError(f"got {len(image_sizes)} image sizes for {n_images} images in {len(prompts)} prompts")
-    if kind == "qwen2_5_vl":
-        prompts = [p if "<|image_pad|>" in p else p.replace("<image>", QWEN_IMAGE_PLACEHOLDER) for p in prompts]
     flat = [make_image(seed + i, tuple(size)) for i, size in enumerate(image_sizes)]
     if all(n == 1 for n in per_prompt):
-        images = flat
+        images: list[Any] = flat
     else:  # several images in a prompt: one list per prompt
         bounds = [sum(per_prompt[:i]) for i in range(len(per_prompt) + 1)]
         images = [flat[bounds[i] : bounds[i + 1]] for i in range(len(prompts))]
@@ -496,33 +356,19 @@ def make_inputs(
 # ---------------------------------------------------------------------------------------------
 # checkpoints on disk
 
-#: Chat templates in the style of each real checkpoint's own (the llava-hf ``USER: ... ASSISTANT:``
-#: turn, Qwen's ChatML with a system prompt), for tiny checkpoints whose processors have none.
-CHAT_TEMPLATES = {
-    "llava": (
-        "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-        "{% for item in message['content'] %}{% if item['type'] == 'image' %}<image>\n{% else %}{{ item['text'] }}"
-        "{% endif %}{% endfor %}{% endif %}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
-    ),
-    "qwen2_5_vl": (
-        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% for message in messages %}"
-        "<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-        "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
-        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    ),
-}
-CHAT_TEMPLATES["llava_next"] = CHAT_TEMPLATES["llava"]
-
 
 def save_tiny_checkpoint(folder, kind: str, chat_template: bool = True, text_layers: int = 3, seed: int = 0):
     """Save a tiny ``kind`` model and its processor into ``folder`` with ``save_pretrained``, the
     way a real checkpoint is laid out (``config.json``, ``model.safetensors``, tokenizer and
-    processor files), optionally with a chat template (:data:`CHAT_TEMPLATES`).  Returns ``folder``.
+    processor files), optionally with the architecture's ``tiny_chat_template`` (in the style of
+    the real checkpoints' own: llava-hf's ``USER: ... ASSISTANT:`` turn, Qwen's ChatML).  Returns
+    ``folder``.
     """
+    spec = tiny_spec(kind)
     model = build_tiny(kind, text_layers=text_layers, seed=seed)
     processor = make_processor(kind)
-    if chat_template:
-        processor.chat_template = CHAT_TEMPLATES[kind]
+    if chat_template and spec.tiny_chat_template is not None:
+        processor.chat_template = spec.tiny_chat_template
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder

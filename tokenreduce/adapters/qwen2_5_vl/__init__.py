@@ -2,5 +2,6 @@
 
 from .adapter import Qwen2_5_VLAdapter
 from .processor import ImageOnlyQwen2_5_VLProcessor
+from .spec import Qwen2_5_VLSpec
 
-__all__ = ["ImageOnlyQwen2_5_VLProcessor", "Qwen2_5_VLAdapter"]
+__all__ = ["ImageOnlyQwen2_5_VLProcessor", "Qwen2_5_VLAdapter", "Qwen2_5_VLSpec"]
