@@ -19,7 +19,9 @@ def test_every_subpackage_is_listed_in_pyproject():
 
 
 def test_every_config_group_is_shipped_as_package_data():
-    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["tokenreduce.conf"]
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "tokenreduce.conf"
+    ]
     groups = {p.name for p in (ROOT / "conf").iterdir() if p.is_dir() and p.name != "__pycache__"}
     missing = {g for g in groups if not any(fnmatch.fnmatch(f"{g}/x.yaml", pattern) for pattern in data)}
     assert not missing, f"config groups not shipped as package data: {sorted(missing)}"

@@ -70,6 +70,9 @@ def test_the_suite_is_every_method_at_three_budgets():
             if stage.scorer is not None:
                 used.add(stage.scorer.name)
             used.add(stage.selector.name)
-    methods = {c.name for c in get_registry().components() if c.kind in ("scorer", "selector")
-               and c.origin.startswith("builtin")} - GENERIC
+    methods = {
+        c.name
+        for c in get_registry().components()
+        if c.kind in ("scorer", "selector") and c.origin.startswith("builtin")
+    } - GENERIC
     assert methods and methods <= used, f"registered strategies missing from the suite: {sorted(methods - used)}"

@@ -35,14 +35,18 @@ def test_exact_match_trims_at_eos_and_padding():
 
 def test_first_token_kl_hand_computed():
     vanilla = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
-    reduced = torch.tensor([[math.log(3.0), 0.0], [11.0, 12.0]], dtype=torch.float64)  # row 2: same distribution (shifted logits)
+    reduced = torch.tensor(
+        [[math.log(3.0), 0.0], [11.0, 12.0]], dtype=torch.float64
+    )  # row 2: same distribution (shifted logits)
     # row 1: p = (1/2, 1/2), q = (3/4, 1/4): KL = 1/2 ln(2/3) + 1/2 ln 2 = 1/2 ln(4/3)
     per = first_token_kl(vanilla, reduced, reduction="none")
     assert per[0].item() == pytest.approx(0.5 * math.log(4 / 3), abs=1e-12)
     assert per[1].item() == pytest.approx(0.0, abs=1e-12)
     assert first_token_kl(vanilla, reduced) == pytest.approx(0.25 * math.log(4 / 3), abs=1e-12)
     # not symmetric: KL(q || p) = 3/4 ln(3/2) + 1/4 ln(1/2)
-    assert first_token_kl(reduced[:1], vanilla[:1]) == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-12)
+    assert first_token_kl(reduced[:1], vanilla[:1]) == pytest.approx(
+        0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-12
+    )
 
 
 def test_first_token_kl_is_stable_for_large_logits_and_half_dtype():

@@ -21,6 +21,7 @@ from transformers import LlamaConfig
 from transformers.vision_utils import get_vision_window_index
 
 import tokenreduce
+from tokenreduce.adapters.qwen2_5_vl.spec import window_lengths as qwen_window_lengths
 from tokenreduce.core.errors import PlanError, UnsupportedModelError
 from tokenreduce.core.types import Trace
 from tokenreduce.measure.configs import hf_config, model_config, real_config
@@ -29,7 +30,6 @@ from tokenreduce.measure.flops import (
     count_with_flop_counter,
     layer_flops_paper,
     layer_flops_true,
-    qwen_window_lengths,
     text_dims,
 )
 from tokenreduce.measure.kv import cache_bytes, cache_tokens, kv_bytes
@@ -112,8 +112,13 @@ def test_scorer_costs_by_hand():
     # backward (input gradients only): the same, attention twice
     assert fast.scorer_flops_true == (688_128 + 26_624 + 512_000) + (688_128 + 2 * 26_624 + 512_000)
     assert fast.scorer_flops_paper == 3 * 557_056  # f(16) forward + 2 x f(16) backward
-    fwd_only = account(cfg, {"stages": [{"layer": 1, "keep": 4, "scorer": "pio", "selector": "topk"}]}, 16, 10,
-                       probe_backward_factor=0.0)
+    fwd_only = account(
+        cfg,
+        {"stages": [{"layer": 1, "keep": 4, "scorer": "pio", "selector": "topk"}]},
+        16,
+        10,
+        probe_backward_factor=0.0,
+    )
     assert fwd_only.scorer_flops_paper == 557_056
     fastv = account(cfg, {"stages": [{"layer": 1, "keep": 4, "scorer": "fastv", "selector": "topk"}]}, 16, 10)
     # keys of the 26 tokens of layer 0, one query, its 26 scores
@@ -125,7 +130,9 @@ def test_scorer_costs_by_hand():
 
 def test_qwen_windows_match_transformers():
     for rows, cols in [(72, 72), (8, 6), (20, 14), (16, 16), (2, 2)]:
-        _, cu = get_vision_window_index(torch.tensor([[1, rows, cols]]), spatial_merge_size=2, window_size=112, patch_size=14)
+        _, cu = get_vision_window_index(
+            torch.tensor([[1, rows, cols]]), spatial_merge_size=2, window_size=112, patch_size=14
+        )
         assert qwen_window_lengths(rows, cols, 2, 8) == (cu[1:] - cu[:-1]).tolist()
     assert qwen_window_lengths(72, 72, 2, 8) == [64] * 81
 
@@ -168,7 +175,10 @@ def test_real_config_contents():
     with pytest.raises(PlanError, match="known model configs"):
         model_config("llava_13b")
     tiny = hf_config(model_config("tiny_llava"))  # kind tiny: the config of tokenreduce.testing.tiny
-    assert tiny.model_type == "llava" and tiny.get_text_config().num_hidden_layers == model_config("tiny_llava")["text_layers"]
+    assert (
+        tiny.model_type == "llava"
+        and tiny.get_text_config().num_hidden_layers == model_config("tiny_llava")["text_layers"]
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,16 +213,26 @@ def test_paper_vanilla_figures():
 
 PROMPT = "USER: <image> what color is the shape? ASSISTANT:"
 PLANS = {
-    "pio_fast": {"positions": "renumber", "stages": [
-        {"layer": 1, "keep": 8, "scorer": {"name": "pio"}, "selector": "topk"},
-        {"layer": 3, "keep": 3, "scorer": {"name": "pio", "loss_positions": 2}, "selector": "topk"}]},
-    "pio_exact_prev_layer": {"stages": [
-        {"layer": 2, "keep": 6, "scorer": {"name": "pio", "probe": "exact", "layer_offset": -1}, "selector": "topk"}]},
+    "pio_fast": {
+        "positions": "renumber",
+        "stages": [
+            {"layer": 1, "keep": 8, "scorer": {"name": "pio"}, "selector": "topk"},
+            {"layer": 3, "keep": 3, "scorer": {"name": "pio", "loss_positions": 2}, "selector": "topk"},
+        ],
+    },
+    "pio_exact_prev_layer": {
+        "stages": [
+            {"layer": 2, "keep": 6, "scorer": {"name": "pio", "probe": "exact", "layer_offset": -1}, "selector": "topk"}
+        ]
+    },
     "fastv": {"stages": [{"layer": 2, "keep": 5, "scorer": "fastv", "selector": "topk"}]},
-    "pdrop_dart_divprune": {"stages": [
-        {"layer": 1, "keep": 12, "scorer": "pdrop", "selector": "topk"},
-        {"layer": 2, "keep": 9, "selector": "dart"},
-        {"layer": 3, "keep": 4, "selector": "divprune"}]},
+    "pdrop_dart_divprune": {
+        "stages": [
+            {"layer": 1, "keep": 12, "scorer": "pdrop", "selector": "topk"},
+            {"layer": 2, "keep": 9, "selector": "dart"},
+            {"layer": 3, "keep": 4, "selector": "divprune"},
+        ]
+    },
 }
 
 
@@ -253,8 +273,12 @@ def test_kv_bytes_equal_dynamic_cache():
     inputs = make_inputs("llava", [PROMPT])
     ids = inputs["input_ids"]
     n_visual = int((ids == model.config.image_token_id).sum())
-    plan = {"stages": [{"layer": 1, "keep": 9, "scorer": "norm", "selector": "topk"},
-                       {"layer": 3, "keep": 2, "scorer": "norm", "selector": "topk"}]}
+    plan = {
+        "stages": [
+            {"layer": 1, "keep": 9, "scorer": "norm", "selector": "topk"},
+            {"layer": 3, "keep": 2, "scorer": "norm", "selector": "topk"},
+        ]
+    }
     with torch.no_grad():
         vanilla = model(**inputs, use_cache=True).past_key_values
         with tokenreduce.apply(model, plan) as att:

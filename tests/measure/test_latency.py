@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from tokenreduce.measure.latency import BenchSettings, PeakMemory, benchmark, count_tokens, format_si, summarize, time_generate
+from tokenreduce.measure.latency import (
+    BenchSettings,
+    PeakMemory,
+    benchmark,
+    count_tokens,
+    format_si,
+    summarize,
+    time_generate,
+)
 from tokenreduce.models import load_model
 from tokenreduce.testing.tiny import make_image
 
@@ -72,13 +80,19 @@ def test_benchmark_vanilla_and_plans(tiny):
 
 def test_benchmark_without_prefill_and_bad_plan(tiny):
     inputs = tiny.synthetic_inputs(batch_size=1, n_text=8)
-    res = benchmark(tiny.model, inputs, {}, BenchSettings(warmup=0, repeats=1, max_new_tokens=2, prefill=False, progress=False))
+    res = benchmark(
+        tiny.model, inputs, {}, BenchSettings(warmup=0, repeats=1, max_new_tokens=2, prefill=False, progress=False)
+    )
     assert [c.name for c in res.configs] == ["vanilla"] and res.configs[0].prefill_s is None
     from tokenreduce.core.errors import PlanError
 
     with pytest.raises(PlanError, match="out of range"):
-        benchmark(tiny.model, inputs, {"deep": {"stages": [{"layer": 9, "keep": 2, "selector": "uniform"}]}},
-                  BenchSettings(repeats=1, progress=False))
+        benchmark(
+            tiny.model,
+            inputs,
+            {"deep": {"stages": [{"layer": 9, "keep": 2, "selector": "uniform"}]}},
+            BenchSettings(repeats=1, progress=False),
+        )
 
 
 def test_count_tokens_with_padding(tiny):

@@ -13,10 +13,10 @@ import importlib.util
 
 import pytest
 import torch
-
-import tokenreduce
 from llava576 import DEPTH, N_VISUAL, PROMPTS, llava, llava_inputs
 from registry_helpers import registry_with
+
+import tokenreduce
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset
 from tokenreduce.core.types import Selection
@@ -27,6 +27,8 @@ METHODS = ("pdrop", "sparsevlm", "dart", "divprune")
 PRESETS = [f"{m}_{b}" for m in METHODS for b in (64, 128, 192)]
 STEPS = 3
 _CACHE: dict = {}  # this module's runs, shared by several tests
+
+
 def generate(model, inputs, plan, registry=None):
     with tokenreduce.apply(model, plan, registry=registry) as att:
         out = model.generate(
@@ -134,9 +136,13 @@ def test_sparsevlm_merged_tokens_enter_the_cut_layer():
         for j in range(int(sel.valid[b].sum())):
             gap = (rows - sel.hidden[b, j]).abs().amax(-1).min()
             assert float(gap) == 0.0  # every kept row, merged anchors included, is in the layer input
-    with tokenreduce.apply(model, {"positions": "renumber", "stages": [
-        {**s, "selector": {"name": "sparsevlm", "recycle": False}} for s in plan["stages"]
-    ]}) as att_plain:
+    with tokenreduce.apply(
+        model,
+        {
+            "positions": "renumber",
+            "stages": [{**s, "selector": {"name": "sparsevlm", "recycle": False}} for s in plan["stages"]],
+        },
+    ) as att_plain:
         model(**batch)
     assert [st.visual_after for st in att_plain.trace.stages] == [st.visual_after for st in att.trace.stages]
 
@@ -151,10 +157,13 @@ def ratio_plan(name: str, n_layers: int) -> dict:
     return plan
 
 
-@pytest.mark.parametrize("kind, sizes", [
-    ("llava_next", [(100, 80), (80, 100)]),  # different visual counts per sample (ragged)
-    ("qwen2_5_vl", [(112, 112), (112, 84)]),
-])
+@pytest.mark.parametrize(
+    "kind, sizes",
+    [
+        ("llava_next", [(100, 80), (80, 100)]),  # different visual counts per sample (ragged)
+        ("qwen2_5_vl", [(112, 112), (112, 84)]),
+    ],
+)
 @pytest.mark.parametrize("method", METHODS)
 def test_other_adapters(kind, sizes, method):
     key = (kind, "model")
@@ -188,7 +197,12 @@ def test_other_adapters(kind, sizes, method):
 @pytest.mark.parametrize("name", [f"{m}_128" for m in METHODS])
 def test_presets_under_flash_attention_2(name):
     model = build_tiny(
-        "llava", attn_implementation="flash_attention_2", dtype=torch.float16, image_size=336, patch=14, text_layers=DEPTH
+        "llava",
+        attn_implementation="flash_attention_2",
+        dtype=torch.float16,
+        image_size=336,
+        patch=14,
+        text_layers=DEPTH,
     ).cuda()
     batch = {k: v.cuda() for k, v in llava_inputs(PROMPTS).items()}
     batch["pixel_values"] = batch["pixel_values"].half()

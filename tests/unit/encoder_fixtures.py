@@ -85,7 +85,14 @@ def make_encoder_view(sides: list[int], seed: int = 0, layers=(-2, 5), ties: boo
         original_index[i, :m] = visual_index[i, :m]
     signals = FakeVision(cls, keys, features, grid, projector)
     view = TokenView(
-        layer=0, stage=0, hidden=hidden, valid=valid, visual_index=visual_index, visual_valid=valid_vis,
-        original_index=original_index, n_original_visual=torch.tensor(ns), signals=signals,
+        layer=0,
+        stage=0,
+        hidden=hidden,
+        valid=valid,
+        visual_index=visual_index,
+        visual_valid=valid_vis,
+        original_index=original_index,
+        n_original_visual=torch.tensor(ns),
+        signals=signals,
     )
     return view, signals

@@ -13,8 +13,15 @@ def test_demo_prints_per_layer_counts_and_times(capsys):
 
 
 def test_demo_with_other_preset_and_override(capsys):
-    argv = ["demo", "plan=random_50", "plan.stages.0.keep.ratio=0.25", "model.text_layers=4", "model.image_size=56",
-            "demo.repeats=1", "demo.max_new_tokens=2"]
+    argv = [
+        "demo",
+        "plan=random_50",
+        "plan.stages.0.keep.ratio=0.25",
+        "model.text_layers=4",
+        "model.image_size=56",
+        "demo.repeats=1",
+        "demo.max_new_tokens=2",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "with plan random_50" in out

@@ -6,12 +6,10 @@ import math
 
 import pytest
 import torch
-from pydantic import ValidationError
-
 from strategies.baseline_fixtures import Layout, make_view, split_view
+
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset
-from tokenreduce.core.types import Need
 from tokenreduce.strategies.divprune import DivPruneSelector, max_min_diverse
 
 SELECTOR = DivPruneSelector(DivPruneSelector.Settings())
@@ -85,12 +83,6 @@ def test_scale_invariance_and_dtypes():
     feats = torch.randn(25, 16, generator=torch.Generator().manual_seed(5))
     assert max_min_diverse(feats * 7.0, 9) == max_min_diverse(feats, 9)  # cosine: scale-free
     assert max_min_diverse(feats.double(), 9) == max_min_diverse(feats, 9)
-
-
-def test_settings_and_needs():
-    assert DivPruneSelector.needs == Need.HIDDEN and DivPruneSelector.needs_scores is False
-    with pytest.raises(ValidationError):
-        DivPruneSelector.Settings(ratio=0.1)
 
 
 @pytest.mark.parametrize("budget", [64, 128, 192])

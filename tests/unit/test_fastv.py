@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from registry_helpers import registry_with
 
 import tokenreduce
-from registry_helpers import registry_with
 from tokenreduce.core.errors import PlanError
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset

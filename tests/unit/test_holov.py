@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from encoder_fixtures import make_encoder_view
+
 from tokenreduce.adapters.llava import LlavaAdapter
 from tokenreduce.core.errors import PlanError
 from tokenreduce.core.plan import build_plan
@@ -65,12 +65,14 @@ def reference_holov(features, saliency, side: int, crops: int, k: int, temperatu
     return sorted(chosen)
 
 
-@pytest.mark.parametrize("side,crops,k,temp", [(8, 4, 12, 1.0), (8, 2, 30, 1.0), (6, 4, 5, 0.5), (7, 3, 20, 2.0),
-                                               (4, 4, 16, 1.0)])
+@pytest.mark.parametrize(
+    "side,crops,k,temp", [(8, 4, 12, 1.0), (8, 2, 30, 1.0), (6, 4, 5, 0.5), (7, 3, 20, 2.0), (4, 4, 16, 1.0)]
+)
 def test_equals_reference(side, crops, k, temp):
     view, sig = make_encoder_view([side], seed=side * k)
     sel = HoloVSelector(HoloVSelector.Settings(crops=crops, temperature=temp)).select(
-        view, sig.cls[(-2, "sum")], torch.tensor([k]))
+        view, sig.cls[(-2, "sum")], torch.tensor([k])
+    )
     assert sel.to_lists() == [reference_holov(sig.features[0], sig.cls[(-2, "sum")][0], side, crops, k, temp)]
     assert sel.hidden is None
 

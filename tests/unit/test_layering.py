@@ -1,4 +1,4 @@
-"""design.md §1: core imports neither strategies nor adapters; strategies and adapters depend on
+"""The layering (CONTRIBUTING.md): core imports neither strategies nor adapters; strategies and adapters depend on
 core only (never on each other)."""
 
 import ast

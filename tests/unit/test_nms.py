@@ -1,4 +1,4 @@
-"""The ``nms`` selector against a slow, obvious greedy reference (pio-spec §6, §9)."""
+"""The ``nms`` selector against a slow, obvious greedy reference (``docs/strategies/nms.md``)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def pad_scores(scores: list[torch.Tensor], junk: float = 1e9) -> torch.Tensor:
 
 
 def reference_nms(feat: torch.Tensor, scores: torch.Tensor, k: int, tau: float) -> list[int]:
-    """Plain greedy NMS with fill-up over the full similarity matrix, python loops (spec §9)."""
+    """Plain greedy NMS with fill-up over the full similarity matrix, python loops (docs/pio-fvlm.md#pseudocode)."""
     n = feat.shape[0]
     k = min(max(k, 0), n)
     x = F.normalize(feat.float(), dim=-1)
@@ -261,10 +261,7 @@ def test_batch_equals_single_samples_and_deterministic():
     g = torch.Generator().manual_seed(5)
     ns = [40, 17, 33]
     centres = torch.randn(6, 32, generator=g)
-    feats = [
-        centres[torch.randint(0, 6, (n,), generator=g)] + 0.3 * torch.randn(n, 32, generator=g)
-        for n in ns
-    ]
+    feats = [centres[torch.randint(0, 6, (n,), generator=g)] + 0.3 * torch.randn(n, 32, generator=g) for n in ns]
     scores = [torch.randn(n, generator=g) for n in ns]
     keep = [12, 9, 20]
     batch = run(feats, scores, keep)

@@ -1,4 +1,4 @@
-"""``pio_ve`` (PIO-FVLM's encoder-involved mode, pio-spec §8.1) against a slow reference."""
+"""``pio_ve`` (PIO-FVLM's encoder-involved mode, ``docs/strategies/pio_ve.md``) against a slow reference."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from encoder_fixtures import make_encoder_view
+
 from tokenreduce.adapters.llava import LlavaAdapter
 from tokenreduce.core.errors import PlanError
 from tokenreduce.core.plan import build_plan
@@ -46,8 +46,9 @@ def reference_pio_ve(local, glob, hidden, side: int, windows: int, keep: int, me
 def test_equals_reference(side, windows, keep):
     view, sig = make_encoder_view([side], seed=side + keep)
     sel = PIOVESelector(PIOVESelector.Settings(windows=windows)).select(view, None, torch.tensor([keep]))
-    index, hidden = reference_pio_ve(sig.cls[(5, "mean")][0], sig.cls[(-2, "mean")][0], view.visual_hidden()[0],
-                                     side, windows, keep)
+    index, hidden = reference_pio_ve(
+        sig.cls[(5, "mean")][0], sig.cls[(-2, "mean")][0], view.visual_hidden()[0], side, windows, keep
+    )
     assert sel.to_lists() == [index]
     torch.testing.assert_close(sel.hidden[0], hidden, atol=1e-5, rtol=1e-5)
     assert ("cls", 5, "mean") in sig.calls and ("cls", -2, "mean") in sig.calls  # head-averaged
@@ -56,8 +57,9 @@ def test_equals_reference(side, windows, keep):
 def test_without_merge_and_with_ties():
     view, sig = make_encoder_view([8], seed=3, ties=True)
     sel = PIOVESelector(PIOVESelector.Settings(merge=False)).select(view, None, torch.tensor([24]))
-    index, _ = reference_pio_ve(sig.cls[(5, "mean")][0], sig.cls[(-2, "mean")][0], view.visual_hidden()[0], 8, 4, 24,
-                                merge=False)
+    index, _ = reference_pio_ve(
+        sig.cls[(5, "mean")][0], sig.cls[(-2, "mean")][0], view.visual_hidden()[0], 8, 4, 24, merge=False
+    )
     assert sel.to_lists() == [index] and sel.hidden is None
 
 
@@ -70,8 +72,14 @@ def test_ragged_batch_equals_single_runs_and_is_deterministic():
     assert sel.to_lists() == again.to_lists() and torch.equal(sel.hidden, again.hidden)
     for b, side in enumerate(sides):
         n = side * side
-        index, hidden = reference_pio_ve(sig.cls[(5, "mean")][b, :n], sig.cls[(-2, "mean")][b, :n],
-                                         view.visual_hidden()[b, :n], side, 4, int(keep[b]))
+        index, hidden = reference_pio_ve(
+            sig.cls[(5, "mean")][b, :n],
+            sig.cls[(-2, "mean")][b, :n],
+            view.visual_hidden()[b, :n],
+            side,
+            4,
+            int(keep[b]),
+        )
         assert sel.to_lists()[b] == index
         torch.testing.assert_close(sel.hidden[b, : int(keep[b])], hidden, atol=1e-5, rtol=1e-5)
 
@@ -81,8 +89,9 @@ def test_encoder_side_only():
         build_plan({"stages": [{"layer": 1, "keep": 8, "selector": "pio_ve"}]}, n_layers=4)
 
 
-@pytest.mark.parametrize("name,encoder,llm,avg", [("pio_ve_192", 288, 96, 192), ("pio_ve_128", 192, 64, 128),
-                                                  ("pio_ve_64", 96, 32, 64)])
+@pytest.mark.parametrize(
+    "name,encoder,llm,avg", [("pio_ve_192", 288, 96, 192), ("pio_ve_128", 192, 64, 128), ("pio_ve_64", 96, 32, 64)]
+)
 def test_presets_follow_the_spec_split(name, encoder, llm, avg):
     plan = load_preset(name)
     build_plan(plan, n_layers=32, adapter=LlavaAdapter)

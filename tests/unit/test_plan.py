@@ -243,7 +243,9 @@ def test_float_keep_says_use_ratio(keep):
     assert f"{{ratio: {keep}}}" in msg
 
 
-@pytest.mark.parametrize(("ratio", "allowed"), [(0, "greater than 0"), (-0.5, "greater than 0"), (1.5, "less than or equal to 1")])
+@pytest.mark.parametrize(
+    ("ratio", "allowed"), [(0, "greater than 0"), (-0.5, "greater than 0"), (1.5, "less than or equal to 1")]
+)
 def test_ratio_out_of_range(ratio, allowed):
     msg = plan_error({"stages": [stage(1, {"ratio": ratio}, selector="random")]})
     assert "stages.0.keep.ratio" in msg
@@ -283,7 +285,6 @@ def test_unknown_stage_key():
     assert "stages.0.layer" in msg and "required" in msg  # the key that was meant
 
 
-
 def test_unknown_stage_key_lists_allowed_keys():
     msg = plan_error({"stages": [{"layer": 1, "keep": 4, "selector": "random", "scorrer": "norm"}]})
     assert "stages.0.scorrer" in msg
@@ -292,7 +293,11 @@ def test_unknown_stage_key_lists_allowed_keys():
 
 def test_unknown_plan_key():
     msg = plan_error({"stage": [], "stages": []})
-    assert re.search(r"^\s*stage: unknown key .stage.; allowed keys: adapter, description, layer_average, name, positions, stages", msg, re.M)
+    assert re.search(
+        r"^\s*stage: unknown key .stage.; allowed keys: adapter, description, layer_average, name, positions, stages",
+        msg,
+        re.M,
+    )
 
 
 def test_bad_position_policy():
@@ -318,7 +323,6 @@ def test_unknown_scorer_lists_known():
 def test_unknown_component_setting_key():
     msg = plan_error({"stages": [stage(1, 4, selector={"name": "random", "sed": 1})]})
     assert "stages.0.selector.sed" in msg and "unknown key" in msg
-
 
 
 def test_unknown_component_setting_key_lists_allowed():
@@ -411,7 +415,11 @@ def test_plan_must_be_plan_dict_or_name():
 def test_plan_given_as_dict_object_and_preset_name_agree():
     as_dict = {"stages": [{"layer": 2, "keep": {"ratio": 0.5}, "selector": {"name": "random", "seed": 0}}]}
     as_object = Plan(stages=[Stage(layer=2, keep=Ratio(ratio=0.5), selector={"name": "random", "seed": 0})])
-    compiled = [build_plan(as_dict, n_layers=32), build_plan(as_object, n_layers=32), build_plan("random_50", n_layers=32)]
+    compiled = [
+        build_plan(as_dict, n_layers=32),
+        build_plan(as_object, n_layers=32),
+        build_plan("random_50", n_layers=32),
+    ]
     for c in compiled:
         assert isinstance(c, CompiledPlan)
         assert [s.layer for s in c.stages] == [2]
@@ -437,7 +445,10 @@ def test_position_policy_per_stage_overrides_plan():
     p = plan(stage(1, 4), stage(2, 2, positions="renumber"), positions="keep")
     assert [p.policy(0), p.policy(1)] == ["keep", "renumber"]
     compiled = build_plan(
-        {"positions": "renumber", "stages": [stage(1, 4, selector="random"), stage(2, 2, selector="random", positions="keep")]}
+        {
+            "positions": "renumber",
+            "stages": [stage(1, 4, selector="random"), stage(2, 2, selector="random", positions="keep")],
+        }
     )
     assert [s.policy for s in compiled.stages] == ["renumber", "keep"]
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from encoder_fixtures import make_encoder_view
+
 from tokenreduce.adapters.llava import LlavaAdapter
 from tokenreduce.core.errors import PlanError
 from tokenreduce.core.plan import build_plan

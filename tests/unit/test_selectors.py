@@ -34,7 +34,9 @@ class FakeSignals:
         return self.grid
 
 
-def make_view(n_visual: list[int], *, d: int = 8, seed: int = 0, grid=None, stage: int = 0, dtype=torch.float32) -> TokenView:
+def make_view(
+    n_visual: list[int], *, d: int = 8, seed: int = 0, grid=None, stage: int = 0, dtype=torch.float32
+) -> TokenView:
     """A batch whose sample ``b`` has ``n_visual[b]`` visual tokens after ``PREFIX`` text tokens,
     padded to the batch maximum (``visual_valid`` False beyond ``n_visual[b]``)."""
     B, N = len(n_visual), max(n_visual, default=0)
@@ -112,14 +114,6 @@ def select(selector, view, keep, scores=None) -> list[list[int]]:
     return check_selection(sel, view, keep)
 
 
-def assert_batch_independent(selector, view, keep, scores=None):
-    batch = select(selector, view, keep, scores)
-    for b in range(view.batch_size):
-        n = int(view.n_visual[b])
-        alone = select(selector, sample_view(view, b), [keep[b]], None if scores is None else scores[b : b + 1, :n])
-        assert alone[0] == batch[b], f"sample {b}: batch {batch[b]} != alone {alone[0]}"
-
-
 TOPK = TopKSelector(TopKSelector.Settings())
 UNIFORM = UniformSelector(UniformSelector.Settings())
 
@@ -177,21 +171,7 @@ def test_topk_accepts_any_float_scores(dtype):
     assert select(TOPK, view, [3], scores) == [[1, 3, 5]]
 
 
-def test_topk_deterministic_and_batch_independent():
-    view = make_view([16, 9, 12])
-    scores = torch.randn(3, 16, generator=torch.Generator().manual_seed(3))
-    keep = [4, 9, 6]
-    assert select(TOPK, view, keep, scores) == select(TOPK, view, keep, scores)
-    assert_batch_independent(TOPK, view, keep, scores)
-
-
 # ============================================================================ random
-
-
-def test_random_counts_and_validity_on_ragged_batch():
-    view = make_view([50, 10, 30, 1])
-    for seed in range(5):
-        select(random_selector(seed), view, [25, 10, 7, 1])
 
 
 def test_random_same_seed_same_choice_and_new_instance():
@@ -209,11 +189,6 @@ def test_random_stages_draw_independently():
     a = select(random_selector(0), make_view([100], stage=0), [10])
     b = select(random_selector(0), make_view([100], stage=1), [10])
     assert a != b
-
-
-def test_random_is_batch_independent():
-    view = make_view([40, 17, 40, 3])
-    assert_batch_independent(random_selector(5), view, [20, 5, 11, 3])
 
 
 def test_random_covers_every_candidate():
@@ -295,14 +270,6 @@ def test_uniform_spreads_over_a_sparse_grid():
     coords = picked_coords(g, select(UNIFORM, uniform_view([g]), [8])[0])
     assert len({(r // 2) for _, r, _ in coords}) == 4  # every pair of rows gets a pick
     assert len({c for _, _, c in coords}) >= 2
-
-
-def test_uniform_ragged_batch_and_batch_independence():
-    grids = [grid_coords([(6, 6)]), grid_coords([(3, 3)]), grid_coords([(2, 2), (4, 4)]), grid_coords([(1, 1)])]
-    view = uniform_view(grids)
-    keep = [9, 4, 5, 1]
-    assert select(UNIFORM, view, keep) == select(UNIFORM, view, keep)
-    assert_batch_independent(UNIFORM, view, keep)
 
 
 def test_uniform_reads_the_grid_signal_and_declares_it():

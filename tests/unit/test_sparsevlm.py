@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 from pydantic import ValidationError
+from strategies.baseline_fixtures import Layout, make_view, sample_slots
 
-from strategies.baseline_fixtures import Layout, make_view, sample_slots, split_view
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import load_preset
 from tokenreduce.core.types import Need, TokenView
@@ -49,9 +49,7 @@ def reference_scores(view: TokenView, attn: torch.Tensor, b: int) -> list[float]
     _, visual, _ = sample_slots(view, b)
     raters = reference_raters(view, b)
     heads = attn.shape[1]
-    return [
-        sum(float(attn[b, h, r, v]) for h in range(heads) for r in raters) / (heads * len(raters)) for v in visual
-    ]
+    return [sum(float(attn[b, h, r, v]) for h in range(heads) for r in raters) / (heads * len(raters)) for v in visual]
 
 
 def reference_sizes(n: int, keep: int, ratio: float = 0.3, per: int = 10) -> tuple[int, int, int]:
@@ -68,7 +66,9 @@ def reference_sizes(n: int, keep: int, ratio: float = 0.3, per: int = 10) -> tup
 
 def reference_dpc_knn(x: list[list[float]], c: int) -> tuple[list[int], list[int]]:
     r, dim = len(x), len(x[0])
-    dist = [[math.sqrt(sum((a - b) ** 2 for a, b in zip(x[i], x[j]))) / math.sqrt(dim) for j in range(r)] for i in range(r)]
+    dist = [
+        [math.sqrt(sum((a - b) ** 2 for a, b in zip(x[i], x[j]))) / math.sqrt(dim) for j in range(r)] for i in range(r)
+    ]
     dens = [math.exp(-sum(v * v for v in sorted(dist[i])[:c]) / c) for i in range(r)]
     dmax = max(max(row) for row in dist)
     delta = []
@@ -83,7 +83,9 @@ def reference_dpc_knn(x: list[list[float]], c: int) -> tuple[list[int], list[int
     return centres, assign
 
 
-def reference_select(view: TokenView, scores: list[float], b: int, keep: int) -> tuple[list[int], dict[int, list[float]]]:
+def reference_select(
+    view: TokenView, scores: list[float], b: int, keep: int
+) -> tuple[list[int], dict[int, list[float]]]:
     """Kept candidate indices (ascending) and the merged hidden state of each anchor."""
     n = len(scores)
     keep = min(keep, n)
@@ -123,15 +125,6 @@ def test_scores_equal_reference(offset):
         torch.testing.assert_close(scores[b, : lay.n_visual], torch.tensor(ref, dtype=torch.float32), atol=1e-6, rtol=0)
         assert bool((scores[b, lay.n_visual :] == 0).all())
     assert [c[:2] for c in signals.calls] == [("attention_rows", offset)]
-
-
-def test_scorer_batch_equals_single_samples():
-    view, _ = make_view(LAYOUTS, seed=8)
-    scorer = SparseVLMScorer(SparseVLMScorer.Settings())
-    both = scorer.score(view)
-    for b, lay in enumerate(LAYOUTS):
-        one, _, _ = split_view(view, b)
-        torch.testing.assert_close(both[b, : lay.n_visual], scorer.score(one)[0], atol=1e-7, rtol=0)
 
 
 # -- recycling --------------------------------------------------------------------------------------
@@ -188,26 +181,12 @@ def test_selector_equals_reference(keep):
             slot = int(view.visual_index[b, cand])
             if cand in merged:  # the anchor carries its cluster's mean
                 any_merge = True
-                torch.testing.assert_close(sel.hidden[b, j], torch.tensor(merged[cand], dtype=torch.float32), atol=1e-5, rtol=0)
+                torch.testing.assert_close(
+                    sel.hidden[b, j], torch.tensor(merged[cand], dtype=torch.float32), atol=1e-5, rtol=0
+                )
             elif sel.hidden is not None:  # every other kept token is unchanged, bit for bit
                 assert torch.equal(sel.hidden[b, j], view.hidden[b, slot])
     assert any_merge == any(0 < min(k, lay.n_visual) < lay.n_visual and k >= 2 for k, lay in zip(keep, LAYOUTS))
-
-
-def test_selector_batch_equals_single_samples_and_is_deterministic():
-    view, _ = make_view(LAYOUTS, d=12, seed=2)
-    scores = torch.rand(view.visual_valid.shape, generator=torch.Generator().manual_seed(2))
-    selector = SparseVLMSelector(SparseVLMSelector.Settings())
-    keep = torch.tensor([12, 7, 20])
-    both = selector.select(view, scores, keep)
-    again = selector.select(view, scores, keep)
-    assert both.to_lists() == again.to_lists() and torch.equal(both.hidden, again.hidden)
-    for b, lay in enumerate(LAYOUTS):
-        one, _, _ = split_view(view, b)
-        single = selector.select(one, scores[b : b + 1, : lay.n_visual], keep[b : b + 1])
-        assert single.to_lists() == [both.to_lists()[b]]
-        k = int(keep[b])
-        torch.testing.assert_close(single.hidden[0, :k], both.hidden[b, :k], atol=0, rtol=0)
 
 
 def test_without_recycling_is_plain_topk():
@@ -259,7 +238,9 @@ def test_presets(budget, counts, average):
     plan = load_preset(f"sparsevlm_{budget}")
     assert plan.positions == "renumber"
     assert [(s.layer, s.scorer.name, s.selector.name) for s in plan.stages] == [
-        (2, "sparsevlm", "sparsevlm"), (6, "sparsevlm", "sparsevlm"), (15, "sparsevlm", "sparsevlm")
+        (2, "sparsevlm", "sparsevlm"),
+        (6, "sparsevlm", "sparsevlm"),
+        (15, "sparsevlm", "sparsevlm"),
     ]
     assert plan.keep_counts(576, 32) == counts
     assert plan.layer_average_for(576, 32) == average

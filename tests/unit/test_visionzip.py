@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from encoder_fixtures import make_encoder_view
+
 from tokenreduce.adapters.llava import LlavaAdapter
 from tokenreduce.adapters.llava_next import LlavaNextAdapter
 from tokenreduce.adapters.qwen2_5_vl import Qwen2_5_VLAdapter
@@ -53,9 +53,17 @@ def reference_visionzip(scores, keys, feats, hidden, projector, keep: int, c: in
 def test_equals_reference(keep, c):
     view, sig = make_encoder_view([6], seed=keep)
     sel = VisionZipSelector(VisionZipSelector.Settings(contextual=c)).select(
-        view, sig.vision_cls_attention(-2, "sum"), torch.tensor([keep]))
-    index, hidden = reference_visionzip(sig.cls[(-2, "sum")][0], sig.keys[0], sig.features[0],
-                                        view.visual_hidden()[0], sig.projector, keep, min(c, keep))
+        view, sig.vision_cls_attention(-2, "sum"), torch.tensor([keep])
+    )
+    index, hidden = reference_visionzip(
+        sig.cls[(-2, "sum")][0],
+        sig.keys[0],
+        sig.features[0],
+        view.visual_hidden()[0],
+        sig.projector,
+        keep,
+        min(c, keep),
+    )
     assert sel.to_lists() == [index]
     assert (sel.hidden is None) == (c == 0)  # nothing merged: the kept tokens stay as they are
     got = sel.hidden[0] if sel.hidden is not None else view.visual_hidden()[0, index]
@@ -73,8 +81,15 @@ def test_ragged_batch_equals_single_runs_and_is_deterministic():
     for b, side in enumerate([6, 4, 5]):
         n = side * side
         cs = contextual_count(int(keep[b]), n, 5 / 32, None)
-        index, hidden = reference_visionzip(scores[b, :n], sig.keys[b, :n], sig.features[b, :n],
-                                            view.visual_hidden()[b, :n], sig.projector, int(keep[b]), cs)
+        index, hidden = reference_visionzip(
+            scores[b, :n],
+            sig.keys[b, :n],
+            sig.features[b, :n],
+            view.visual_hidden()[b, :n],
+            sig.projector,
+            int(keep[b]),
+            cs,
+        )
         assert sel.to_lists()[b] == index
         torch.testing.assert_close(sel.hidden[b, : int(keep[b])], hidden, atol=1e-5, rtol=1e-5)
     assert sel.valid.sum(-1).tolist() == keep.tolist()
@@ -95,8 +110,7 @@ def test_default_split_matches_the_official_scripts(keep, expected):
 
 def test_encoder_side_only():
     with pytest.raises(PlanError, match="layer 0"):
-        build_plan({"stages": [{"layer": 2, "keep": 8, "scorer": "vision_cls", "selector": "visionzip"}]},
-                   n_layers=4)
+        build_plan({"stages": [{"layer": 2, "keep": 8, "scorer": "vision_cls", "selector": "visionzip"}]}, n_layers=4)
 
 
 @pytest.mark.parametrize("adapter,reason", [(Qwen2_5_VLAdapter, "no CLS token"), (LlavaNextAdapter, "anyres")])
@@ -105,8 +119,9 @@ def test_unsupported_adapters_fail_at_plan_build(adapter, reason):
         build_plan("visionzip_64", n_layers=32, adapter=adapter)
 
 
-@pytest.mark.parametrize("name,dominant,contextual", [("visionzip_192", 162, 30), ("visionzip_128", 108, 20),
-                                                       ("visionzip_64", 54, 10)])
+@pytest.mark.parametrize(
+    "name,dominant,contextual", [("visionzip_192", 162, 30), ("visionzip_128", 108, 20), ("visionzip_64", 54, 10)]
+)
 def test_presets(name, dominant, contextual):
     plan = load_preset(name)
     compiled = build_plan(plan, n_layers=32, adapter=LlavaAdapter)

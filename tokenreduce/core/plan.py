@@ -14,24 +14,30 @@ Budgets (``Stage.keep``):
 * ``{weight: w}``: a share of the plan's ``layer_average`` target.  With
   ``layer_average: {tokens: T}`` (or ``{ratio: t}``: ``T = t x N``) the counts are
   ``k_i = s x w_i`` with ``s`` chosen so that the average number of visual tokens per decoder
-  layer over all L layers equals T (pio-spec §3.1: the paper's "64 tokens" is such an average).
+  layer over all L layers equals T (the papers' "64 tokens" is such an average; ``docs/concepts.md``).
 
 Every form becomes an integer per stage and sample: ``1 <= k <= tokens entering the stage``
 (rounding is half-up; a count above what the stage has keeps all of them, documented, no error).
 A keep count of 0 or less is refused: use fewer stages or a smaller ratio instead.
+
+Components are named (``"topk"``, ``{name: pio, loss_positions: 4}``) or given as objects
+(``scorer=PIOScorer(loss_positions=4)``); either way the plan serializes to names + settings.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 import typing
-from typing import Annotated, Any, Literal, Union
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
+from .conf import compose, preset_names
 from .errors import PlanError, UnknownComponentError
 from .registry import Registry, get_registry
+from .strategy import hook
 from .types import Need
 
 PositionPolicy = Literal["keep", "renumber"]
@@ -75,7 +81,7 @@ def _keep_form(value: Any) -> str | None:
 
 
 Keep = Annotated[
-    Union[Annotated[Tokens, Tag("tokens")], Annotated[Ratio, Tag("ratio")], Annotated[Weight, Tag("weight")]],
+    Annotated[Tokens, Tag("tokens")] | Annotated[Ratio, Tag("ratio")] | Annotated[Weight, Tag("weight")],
     Discriminator(
         _keep_form,
         custom_error_type="keep_form",
@@ -92,17 +98,48 @@ class LayerAverage(_Strict):
     ratio: float | None = Field(default=None, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _one_of(self) -> "LayerAverage":
+    def _one_of(self) -> LayerAverage:
         if (self.tokens is None) == (self.ratio is None):
             raise ValueError("give exactly one of 'tokens' or 'ratio'")
         return self
 
     def target(self, n_visual: int) -> float:
-        return float(self.tokens) if self.tokens is not None else float(self.ratio) * n_visual
+        if self.tokens is not None:
+            return float(self.tokens)
+        return float(typing.cast(float, self.ratio)) * n_visual  # exactly one of the two is set
+
+
+def _component_data(value: Any, kinds: Sequence[str] = ("scorer", "selector")) -> Any:
+    """A component given as an object (``PIOScorer(loss_positions=4)``), as its settings object
+    or as its class, turned into ``{name: <registered name>, **settings}`` (the settings that
+    were set); any other value is returned unchanged for validation."""
+    if value is None or isinstance(value, (str, Mapping, ComponentRef)):
+        return value
+    cls = value if isinstance(value, type) else type(value)
+    entries = [c for c in get_registry().components() if cls is c.cls or cls is c.settings]
+    found = [c for c in entries if c.kind in kinds]
+    if len(found) != 1:
+        if found:
+            why = f"is registered under several names ({', '.join(repr(c.name) for c in found)})"
+        elif entries:
+            why = f"is a registered {entries[0].kind} ({entries[0].name!r}), not a {' or '.join(kinds)}"
+        else:
+            why = f"is not registered as a {' or '.join(kinds)}"
+        raise ValueError(
+            f"{cls.__module__}.{cls.__qualname__} {why}; name the component instead: {{name: ..., <settings>}}"
+        )
+    if isinstance(value, type):
+        return {"name": found[0].name}
+    settings = value if isinstance(value, BaseModel) else getattr(value, "settings", None)
+    if not isinstance(settings, BaseModel):
+        raise ValueError(f"{cls.__qualname__} object has no pydantic settings to record; name the component instead")
+    return {"name": found[0].name, **settings.model_dump(mode="json", exclude_unset=True)}
 
 
 class ComponentRef(BaseModel):
-    """A registry name plus that component's settings: ``"topk"`` or ``{name: pio, loss_positions: 4}``."""
+    """A registry name plus that component's settings: ``"topk"``, ``{name: pio, loss_positions: 4}``
+    or a component object (``PIOScorer(loss_positions=4)``, recorded as its name and the settings
+    that were set)."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str
@@ -110,7 +147,7 @@ class ComponentRef(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _from_name(cls, data: Any) -> Any:
-        return {"name": data} if isinstance(data, str) else data
+        return {"name": data} if isinstance(data, str) else _component_data(data)
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -137,6 +174,16 @@ class Stage(_Strict):
             raise ValueError(f"keep={value} is a float: write {{ratio: {value}}} or an integer token count")
         return value
 
+    @field_validator("scorer", mode="before")
+    @classmethod
+    def _scorer_object(cls, value: Any) -> Any:
+        return _component_data(value, ("scorer",))
+
+    @field_validator("selector", mode="before")
+    @classmethod
+    def _selector_object(cls, value: Any) -> Any:
+        return _component_data(value, ("selector",))
+
 
 class Plan(_Strict):
     """An ordered list of stages applied in one forward pass."""
@@ -153,7 +200,7 @@ class Plan(_Strict):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "Plan":
+    def _check(self) -> Plan:
         layers = [s.layer for s in self.stages]
         for i in range(1, len(layers)):
             if layers[i] <= layers[i - 1]:
@@ -164,9 +211,7 @@ class Plan(_Strict):
         weighted = [isinstance(s.keep, Weight) for s in self.stages]
         if self.layer_average is not None and not all(weighted):
             bad = [i for i, w in enumerate(weighted) if not w]
-            raise ValueError(
-                f"with layer_average every stage's keep must be {{weight: w}}; stages {bad} are not"
-            )
+            raise ValueError(f"with layer_average every stage's keep must be {{weight: w}}; stages {bad} are not")
         if self.layer_average is None and any(weighted):
             bad = [i for i, w in enumerate(weighted) if w]
             raise ValueError(f"stages {bad} use keep={{weight: ...}}, which needs plan.layer_average")
@@ -190,8 +235,8 @@ class Plan(_Strict):
             elif isinstance(k, Ratio):
                 base = current if k.of == "current" else n_visual
                 want = _round_half_up(k.ratio * base)
-            else:  # Weight
-                want = _round_half_up(scale * k.weight)
+            else:  # Weight (the plan validator ensures layer_average, hence scale)
+                want = _round_half_up(typing.cast(float, scale) * k.weight)
             current = max(1, min(want, current))
             counts.append(current)
         return counts
@@ -208,15 +253,16 @@ class Plan(_Strict):
         return per_layer
 
     def layer_average_for(self, n_visual: int, n_layers: int) -> float:
-        """Average visual tokens per decoder layer (pio-spec §3.1 convention)."""
+        """Average visual tokens per decoder layer (the layer-average convention, ``docs/concepts.md``)."""
         per_layer = self.visual_per_layer(n_visual, n_layers)
         return sum(per_layer) / n_layers
 
     def _weight_scale(self, n_visual: int, n_layers: int) -> float:
-        target = self.layer_average.target(n_visual)
+        target = typing.cast(LayerAverage, self.layer_average).target(n_visual)
         first = self.stages[0].layer
         bounds = [s.layer for s in self.stages] + [n_layers]
-        weighted_span = sum((bounds[i + 1] - bounds[i]) * s.keep.weight for i, s in enumerate(self.stages))
+        weights = [typing.cast(Weight, s.keep).weight for s in self.stages]  # validated: all {weight: w}
+        weighted_span = sum((bounds[i + 1] - bounds[i]) * w for i, w in enumerate(weights))
         budget = target * n_layers - first * n_visual
         if budget <= 0 or weighted_span <= 0:
             raise PlanError(
@@ -247,11 +293,26 @@ class CompiledStage:
         return self.spec.layer
 
     @property
+    def components(self) -> list[Any]:
+        """The scorer (if any) and the selector."""
+        return [c for c in (self.scorer, self.selector) if c is not None]
+
+    @property
     def needs(self) -> Need:
-        needs = Need.HIDDEN | getattr(self.selector, "needs", Need.NONE)
-        if self.scorer is not None:
-            needs |= getattr(self.scorer, "needs", Need.NONE)
+        needs = Need.HIDDEN
+        for comp in self.components:
+            needs |= hook(comp, "needs")
         return needs
+
+    def vision_layers(self) -> set[int] | None:
+        """The vision-tower layers this stage's components read (None: every layer)."""
+        layers: set[int] = set()
+        for comp in self.components:
+            got = hook(comp, "vision_layers")()
+            if got is None:
+                return None
+            layers |= set(got)
+        return layers
 
 
 @dataclass
@@ -286,11 +347,13 @@ _KEEP_TAGS = ("tokens", "ratio", "weight")
 def _allowed_keys(root: type[BaseModel] | None, loc: tuple) -> list[str] | None:
     """Field names of the model that holds the last key of ``loc`` (walking from ``root``);
     ``loc`` as pydantic reports it (with the keep-form tag after ``keep``)."""
-    model, parts, i = root, loc[:-1], 0
+    model: type[BaseModel] | None = root
+    parts, i = loc[:-1], 0
     while i < len(parts) and model is not None:
         part = parts[i]
         if part == "keep" and i + 1 < len(parts):  # the discriminated keep union: next part is the form's tag
-            model = {"tokens": Tokens, "ratio": Ratio, "weight": Weight}.get(parts[i + 1])
+            forms: dict[str, type[BaseModel]] = {"tokens": Tokens, "ratio": Ratio, "weight": Weight}
+            model = forms.get(parts[i + 1])
             i += 2
             continue
         if not isinstance(part, int):
@@ -308,7 +371,9 @@ def format_validation_error(exc: ValidationError, prefix: str = "", root: type[B
         raw = tuple(err["loc"])
         loc = raw
         # drop the keep-form tag pydantic inserts for the discriminated union: keep.ratio.ratio -> keep.ratio
-        loc = tuple(p for i, p in enumerate(loc) if not (i and loc[i - 1] == "keep" and p in _KEEP_TAGS and i + 1 < len(loc)))
+        loc = tuple(
+            p for i, p in enumerate(loc) if not (i and loc[i - 1] == "keep" and p in _KEEP_TAGS and i + 1 < len(loc))
+        )
         path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
         message = err["msg"]
         if err["type"] == "extra_forbidden":
@@ -320,13 +385,26 @@ def format_validation_error(exc: ValidationError, prefix: str = "", root: type[B
     return "invalid plan:\n" + "\n".join(lines)
 
 
+def load_preset(name: str, overrides: Sequence[str] = ()) -> Plan:
+    """The validated :class:`Plan` of preset ``name`` (``conf/plan/<name>.yaml``), composed by
+    Hydra with command-line style ``overrides`` (``plan.stages.0.keep.ratio=0.25``)."""
+    known = preset_names("plan")
+    if name not in known:
+        raise PlanError(f"unknown plan preset {name!r}; known presets: {', '.join(known)}")
+    cfg = compose([f"plan={name}", *overrides])
+    data = cfg["plan"]
+    data.setdefault("name", name)
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise PlanError(f"preset {name!r}: " + format_validation_error(exc, prefix="plan")) from None
+
+
 def parse_plan(spec: Plan | dict | str) -> Plan:
     """Turn a :class:`Plan`, a plain mapping, or a preset name into a validated :class:`Plan`."""
     if isinstance(spec, Plan):
         return spec
     if isinstance(spec, str):
-        from .presets import load_preset
-
         return load_preset(spec)
     if not isinstance(spec, dict):
         raise PlanError(f"a plan must be a Plan, a mapping or a preset name; got {type(spec).__name__}")
@@ -345,7 +423,8 @@ def _instantiate(registry: Registry, kind: str, ref: ComponentRef, path: str):
         settings = comp.settings.model_validate(ref.settings)
     except ValidationError as exc:
         raise PlanError(format_validation_error(exc, prefix=path, root=comp.settings)) from None
-    return comp.cls(settings)
+    # a component based on Scorer/Selector is its own settings; a class without a base takes them
+    return settings if isinstance(settings, comp.cls) else comp.cls(settings)
 
 
 def build_plan(
@@ -363,7 +442,7 @@ def build_plan(
     for i, st in enumerate(plan.stages):
         scorer = _instantiate(registry, "scorer", st.scorer, f"stages.{i}.scorer") if st.scorer else None
         selector = _instantiate(registry, "selector", st.selector, f"stages.{i}.selector")
-        if getattr(selector, "needs_scores", False) and scorer is None:
+        if hook(selector, "needs_scores") and scorer is None:
             raise PlanError(
                 f"stages.{i}.selector: {st.selector.name!r} ranks by scores, but stages.{i}.scorer is empty; "
                 f"add a scorer or use a selector that needs none ({_score_free(registry)})"
@@ -378,11 +457,11 @@ def build_plan(
                     f"layers, so a cut layer must be in 0..{n_layers - 1}"
                 )
             for part, comp in (("scorer", cs.scorer), ("selector", cs.selector)):
-                check = getattr(comp, "check_stage", None)
-                if check is not None:
-                    problem = check(cs.layer, n_layers)
-                    if problem:
-                        raise PlanError(f"stages.{cs.index}.{part} ({getattr(cs.spec, part).name}): {problem}")
+                if comp is None:
+                    continue
+                problem = hook(comp, "check_stage")(cs.layer, n_layers)
+                if problem:
+                    raise PlanError(f"stages.{cs.index}.{part} ({getattr(cs.spec, part).name}): {problem}")
         if plan.layer_average is not None and plan.layer_average.ratio is not None:
             plan.keep_counts(1000, n_layers)  # raises if the ratio target is unreachable at this depth
     if adapter is not None:
@@ -391,7 +470,7 @@ def build_plan(
         for cs in stages:
             missing = cs.needs & ~provides
             if missing:
-                why = "; ".join(reasons[m] for m in Need if m and m in missing and m in reasons)
+                why = "; ".join(dict.fromkeys(reasons[m] for m in Need if m and m in missing and m in reasons))
                 raise PlanError(
                     f"stages.{cs.index}: needs signals [{missing.describe()}] that the "
                     f"{adapter.__name__} adapter cannot provide (it provides: {provides.describe()})"
@@ -413,9 +492,11 @@ def _adapter_settings(adapter: type, options: dict[str, Any]) -> Any:
     try:
         return settings_cls(**options)
     except ValidationError as exc:
-        raise PlanError(format_validation_error(exc, "adapter", root=settings_cls) + f" (options of the {adapter.__name__} adapter)") from None
+        raise PlanError(
+            format_validation_error(exc, "adapter", root=settings_cls) + f" (options of the {adapter.__name__} adapter)"
+        ) from None
 
 
 def _score_free(registry: Registry) -> str:
-    names = [c.name for c in registry.components("selector") if not getattr(c.cls, "needs_scores", False)]
+    names = [c.name for c in registry.components("selector") if not hook(c.cls, "needs_scores")]
     return ", ".join(names) or "none registered"

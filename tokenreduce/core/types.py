@@ -52,6 +52,10 @@ class Need(enum.Flag):
         return ", ".join(names) or "none"
 
 
+#: the signals of the vision tower, which exist only at a stage cutting at layer 0 (the first)
+VISION_NEEDS = Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
+
+
 @runtime_checkable
 class SignalSource(Protocol):
     """Architecture-specific signals an adapter computes on request for one stage.
@@ -201,7 +205,7 @@ class Selection:
     hidden: Tensor | None = None
 
     @classmethod
-    def from_lists(cls, rows: list[list[int]] | list[Tensor], device=None) -> "Selection":
+    def from_lists(cls, rows: list[list[int]] | list[Tensor], device=None) -> Selection:
         """Build from one index list per sample (any order; sorted here)."""
         rows = [torch.as_tensor(r, dtype=torch.long, device=device).flatten().sort().values for r in rows]
         k = max((len(r) for r in rows), default=0)
@@ -213,7 +217,7 @@ class Selection:
         return cls(index, valid)
 
     @classmethod
-    def from_mask(cls, keep_mask: Tensor) -> "Selection":
+    def from_mask(cls, keep_mask: Tensor) -> Selection:
         """Build from a ``[B, N]`` bool mask of kept candidates (vectorised, order preserved)."""
         counts = keep_mask.sum(-1)
         k = int(counts.max()) if keep_mask.numel() else 0

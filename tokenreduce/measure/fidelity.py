@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
@@ -34,7 +33,7 @@ __all__ = [
     "retention",
 ]
 
-TokenRows = Union[Tensor, Sequence[Sequence[int]]]
+TokenRows = Tensor | Sequence[Sequence[int]]
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = str.maketrans({c: " " for c in string.punctuation})
@@ -69,7 +68,9 @@ def _rows(tokens: TokenRows) -> list[list[int]]:
     return [[int(row)] if isinstance(row, int) else [int(t) for t in row] for row in tokens]
 
 
-def trim_at_eos(tokens: TokenRows, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None) -> list[list[int]]:
+def trim_at_eos(
+    tokens: TokenRows, eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None
+) -> list[list[int]]:
     """Generated ids per sample, cut before the first end-of-sequence token.
 
     Args:
@@ -80,7 +81,11 @@ def trim_at_eos(tokens: TokenRows, eos_token_id: int | Sequence[int] | None = No
     Returns:
         B lists of ints.
     """
-    eos = set() if eos_token_id is None else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+    eos = (
+        set()
+        if eos_token_id is None
+        else ({int(eos_token_id)} if isinstance(eos_token_id, int) else {int(e) for e in eos_token_id})
+    )
     out = []
     for row in _rows(tokens):
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))

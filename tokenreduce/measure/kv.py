@@ -39,9 +39,7 @@ def cache_bytes(cache: Any) -> int:
     ``[B, H_kv, n_i, head_dim]``).  Uninitialised layers count 0."""
     layers = getattr(cache, "layers", None)
     if layers is None:
-        raise TypeError(
-            f"{type(cache).__name__} has no .layers; expected a transformers 5.x Cache (e.g. DynamicCache)"
-        )
+        raise TypeError(f"{type(cache).__name__} has no .layers; expected a transformers 5.x Cache (e.g. DynamicCache)")
     total = 0
     for layer in layers:
         for name in ("keys", "values"):

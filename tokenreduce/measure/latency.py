@@ -34,9 +34,10 @@ from __future__ import annotations
 import re
 import statistics
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -68,12 +69,25 @@ class BenchSettings(BaseModel):
     max_new_tokens: int = Field(default=8, ge=2, description="tokens per generate() (>= 2 for decode ms/token)")
     batch_size: int = Field(default=1, ge=1, description="samples per forward")
     prefill: bool = Field(default=True, description="also time a plain prefill forward (one more forward per run)")
-    n_visual: int | None = Field(default=None, ge=1, description="synthetic inputs: visual tokens (default model.n_visual)")
-    n_text: int | None = Field(default=None, ge=1, description="synthetic inputs: text tokens (default model.n_text or 60)")
-    synthetic: bool | None = Field(default=None, description="random inputs instead of the processor (default: when the model has no processor)")
-    question: str = Field(default="what color is the shape?", description="processor inputs: the question put in the model's prompt template")
-    image: str | None = Field(default=None, description="processor inputs: an image file (default: a synthetic picture)")
-    threads: int | None = Field(default=None, ge=1, description="torch.set_num_threads for the run (default: leave as is)")
+    n_visual: int | None = Field(
+        default=None, ge=1, description="synthetic inputs: visual tokens (default model.n_visual)"
+    )
+    n_text: int | None = Field(
+        default=None, ge=1, description="synthetic inputs: text tokens (default model.n_text or 60)"
+    )
+    synthetic: bool | None = Field(
+        default=None, description="random inputs instead of the processor (default: when the model has no processor)"
+    )
+    question: str = Field(
+        default="what color is the shape?",
+        description="processor inputs: the question put in the model's prompt template",
+    )
+    image: str | None = Field(
+        default=None, description="processor inputs: an image file (default: a synthetic picture)"
+    )
+    threads: int | None = Field(
+        default=None, ge=1, description="torch.set_num_threads for the run (default: leave as is)"
+    )
     progress: bool = Field(default=True, description="show a progress bar on stderr")
     seed: int = 0
 
@@ -90,7 +104,14 @@ class Stat:
     values: list[float]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"median": self.median, "min": self.min, "max": self.max, "q1": self.q1, "q3": self.q3, "values": self.values}
+        return {
+            "median": self.median,
+            "min": self.min,
+            "max": self.max,
+            "q1": self.q1,
+            "q3": self.q3,
+            "values": self.values,
+        }
 
 
 def summarize(values: list[float]) -> Stat:
@@ -165,24 +186,38 @@ class BenchResult:
 
     def table(self) -> str:
         """A plain-text table: medians with [min-max], speed-ups beside the FLOP-ratio limit."""
-        header = ["config", "layer avg", "prefill ms", "TTFT ms", "decode ms/tok", "e2e ms", "select ms", "peak MiB",
-                  "prefill x", "TTFT x", "e2e x", "FLOP limit x"]
+        header = [
+            "config",
+            "layer avg",
+            "prefill ms",
+            "TTFT ms",
+            "decode ms/tok",
+            "e2e ms",
+            "select ms",
+            "peak MiB",
+            "prefill x",
+            "TTFT x",
+            "e2e x",
+            "FLOP limit x",
+        ]
         rows = []
         for c in self.configs:
-            rows.append([
-                c.name,
-                f"{c.layer_average:.1f}",
-                _fmt_stat(c.prefill_s, 1e3),
-                _fmt_stat(c.ttft_s, 1e3),
-                _fmt_stat(c.decode_s_per_token, 1e3),
-                _fmt_stat(c.e2e_s, 1e3),
-                f"{c.select_s.median * 1e3:.1f}",
-                f"{c.peak_memory_bytes.median / 2**20:.0f}" if c.peak_memory_bytes is not None else "n/a",
-                _fmt_x(c.speedup.get("prefill")),
-                _fmt_x(c.speedup.get("ttft")),
-                _fmt_x(c.speedup.get("e2e")),
-                _fmt_x(c.flop_ratio_limit),
-            ])
+            rows.append(
+                [
+                    c.name,
+                    f"{c.layer_average:.1f}",
+                    _fmt_stat(c.prefill_s, 1e3),
+                    _fmt_stat(c.ttft_s, 1e3),
+                    _fmt_stat(c.decode_s_per_token, 1e3),
+                    _fmt_stat(c.e2e_s, 1e3),
+                    f"{c.select_s.median * 1e3:.1f}",
+                    f"{c.peak_memory_bytes.median / 2**20:.0f}" if c.peak_memory_bytes is not None else "n/a",
+                    _fmt_x(c.speedup.get("prefill")),
+                    _fmt_x(c.speedup.get("ttft")),
+                    _fmt_x(c.speedup.get("e2e")),
+                    _fmt_x(c.flop_ratio_limit),
+                ]
+            )
         return format_table(rows, header)
 
 
@@ -259,7 +294,7 @@ class PeakMemory:
         else:
             self.method = "n/a: no CUDA and no resettable peak RSS on this system"
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         self._base = None
         if self.device.type == "cuda":
             _sync(self.device)
@@ -372,7 +407,9 @@ def _accounting(model, plan, n_visual: int, n_text: int, trace, notes: list[str]
         return None
     try:
         kv_bytes = next(model.parameters()).dtype.itemsize
-        return account(model.config, plan=plan, n_visual=n_visual, n_text=n_text, trace=trace, kv_dtype_bytes=kv_bytes).to_dict()
+        return account(
+            model.config, plan=plan, n_visual=n_visual, n_text=n_text, trace=trace, kv_dtype_bytes=kv_bytes
+        ).to_dict()
     except Exception as exc:  # noqa: BLE001 - the benchmark's timings stay valid without FLOPs
         _note(notes, f"FLOP accounting failed for {model.config.model_type}: {type(exc).__name__}: {exc}")
         return None
@@ -423,7 +460,9 @@ def benchmark(
     if len(set(n_visual)) > 1 or len(set(n_text)) > 1:
         _note(notes, f"samples differ in length (visual {n_visual}, text {n_text}); FLOPs use sample 0")
 
-    records: dict[str, dict[str, list[float]]] = {n: {k: [] for k in ("prefill", "ttft", "decode", "e2e", "select", "peak")} for n in names}
+    records: dict[str, dict[str, list[float]]] = {
+        n: {k: [] for k in ("prefill", "ttft", "decode", "e2e", "select", "peak")} for n in names
+    }
     traces: dict[str, Any] = {}
     mem_method = PeakMemory(device).method
     if progress_factory is None:
@@ -435,7 +474,9 @@ def benchmark(
             for rep in range(settings.warmup + settings.repeats):
                 timed = rep >= settings.warmup
                 for name in names:
-                    bar.set_postfix_str(f"{name} {'run' if timed else 'warm-up'} {rep + 1 - (settings.warmup if timed else 0)}")
+                    bar.set_postfix_str(
+                        f"{name} {'run' if timed else 'warm-up'} {rep + 1 - (settings.warmup if timed else 0)}"
+                    )
                     rec = _one_run(model, inputs, compiled.get(name), settings, device)
                     if timed:
                         for key, value in rec.items():
@@ -476,9 +517,17 @@ def benchmark(
     base = configs[0] if vanilla else None
     if base is not None:
         for cfg in configs[1:]:
-            pairs = {"prefill": (base.prefill_s, cfg.prefill_s), "ttft": (base.ttft_s, cfg.ttft_s),
-                     "decode": (base.decode_s_per_token, cfg.decode_s_per_token), "e2e": (base.e2e_s, cfg.e2e_s)}
-            cfg.speedup = {k: a.median / b.median for k, (a, b) in pairs.items() if a is not None and b is not None and b.median > 0}
+            pairs = {
+                "prefill": (base.prefill_s, cfg.prefill_s),
+                "ttft": (base.ttft_s, cfg.ttft_s),
+                "decode": (base.decode_s_per_token, cfg.decode_s_per_token),
+                "e2e": (base.e2e_s, cfg.e2e_s),
+            }
+            cfg.speedup = {
+                k: a.median / b.median
+                for k, (a, b) in pairs.items()
+                if a is not None and b is not None and b.median > 0
+            }
             fb = (base.accounting or {}).get("flops_true")
             fc = (cfg.accounting or {}).get("flops_true")
             cfg.flop_ratio_limit = fb / fc if fb and fc else None
@@ -487,8 +536,12 @@ def benchmark(
     return BenchResult(
         configs=configs,
         settings=settings.model_dump(mode="json"),
-        inputs={"batch_size": int(inputs["input_ids"].shape[0]), "sequence_length": int(inputs["input_ids"].shape[1]),
-                "n_visual": n_visual, "n_text": n_text},
+        inputs={
+            "batch_size": int(inputs["input_ids"].shape[0]),
+            "sequence_length": int(inputs["input_ids"].shape[1]),
+            "n_visual": n_visual,
+            "n_text": n_text,
+        },
         memory_method=mem_method,
         environment=_environment(device),
         notes=notes,
@@ -515,8 +568,15 @@ def _measure(model, inputs, settings: BenchSettings, device, att) -> dict[str, A
         timing = time_generate(model, inputs, settings.max_new_tokens, device)
     trace = att.trace if att is not None else None
     select = sum(st.seconds for st in trace.stages) if trace is not None else 0.0
-    return {"prefill": prefill, "ttft": timing.ttft_s, "decode": timing.decode_s_per_token, "e2e": timing.e2e_s,
-            "select": select, "peak": mem.peak_bytes, "trace": trace}
+    return {
+        "prefill": prefill,
+        "ttft": timing.ttft_s,
+        "decode": timing.decode_s_per_token,
+        "e2e": timing.e2e_s,
+        "select": select,
+        "peak": mem.peak_bytes,
+        "trace": trace,
+    }
 
 
 def _environment(device: torch.device) -> dict[str, Any]:
@@ -524,8 +584,14 @@ def _environment(device: torch.device) -> dict[str, Any]:
 
     import transformers
 
-    env = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": torch.get_num_threads(), "python": platform.python_version(), "machine": platform.machine()}
+    env = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env

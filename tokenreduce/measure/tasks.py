@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,7 +32,16 @@ from tokenreduce.core.errors import TokenReduceError
 
 from . import fidelity
 
-__all__ = ["TaskSettings", "EvalSettings", "Example", "load_task", "format_prompt", "PlanOutputs", "EvalResult", "evaluate"]
+__all__ = [
+    "TaskSettings",
+    "EvalSettings",
+    "Example",
+    "load_task",
+    "format_prompt",
+    "PlanOutputs",
+    "EvalResult",
+    "evaluate",
+]
 
 VANILLA = "vanilla"
 
@@ -45,7 +55,9 @@ class TaskSettings(BaseModel):
     split: Literal["train", "test"] = "test"
     n: int = Field(default=64, ge=1, description="questions: the first n after a fixed shuffle of the split")
     seed: int = Field(default=0, description="seed of the fixed shuffle (random.Random(seed).shuffle)")
-    question_format: str = Field(default="{question}", description="how a question is written into the prompt's {question}")
+    question_format: str = Field(
+        default="{question}", description="how a question is written into the prompt's {question}"
+    )
     description: str = ""
 
 
@@ -60,12 +72,14 @@ class EvalSettings(BaseModel):
     warmup: bool = Field(default=True, description="one untimed generate() of the first batch before timing")
     keep_answers: bool = Field(default=True, description="write every answer of every plan into results.json")
     threads: int | None = Field(
-        default=None, ge=1,
+        default=None,
+        ge=1,
         description="torch.set_num_threads during the evaluation (default: leave as is; 1 is much faster on a "
         "machine whose cores are busy with other work)",
     )
     cache_inputs_mib: int = Field(
-        default=1024, ge=0,
+        default=1024,
+        ge=0,
         description="keep the processed inputs of the batches (images decoded and preprocessed once for all "
         "configurations) up to this many MiB; 0: preprocess again for every configuration",
     )
@@ -103,7 +117,9 @@ def load_task(settings: TaskSettings | Mapping[str, Any]) -> list[Example]:
         texts, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
     if settings.n > len(texts):
-        raise TokenReduceError(f"task.n={settings.n} exceeds the {len(texts)} questions of easy_vqa's {settings.split} split")
+        raise TokenReduceError(
+            f"task.n={settings.n} exceeds the {len(texts)} questions of easy_vqa's {settings.split} split"
+        )
     order = list(range(len(texts)))
     random.Random(settings.seed).shuffle(order)
     return [Example(i, texts[i], answers[i], image_ids[i], paths[image_ids[i]]) for i in order[: settings.n]]
@@ -225,7 +241,12 @@ class _Accountant:
         if key not in self.cache:
             try:
                 self.cache[key] = self.account(
-                    self.config, plan=plan, n_visual=n_visual, n_text=n_text, trace=trace, sample=sample,
+                    self.config,
+                    plan=plan,
+                    n_visual=n_visual,
+                    n_text=n_text,
+                    trace=trace,
+                    sample=sample,
                     kv_dtype_bytes=self.kv_dtype_bytes,
                 ).to_dict()
             except Exception as exc:  # noqa: BLE001 - accuracy stays valid without FLOPs
@@ -269,8 +290,9 @@ class _Batches:
         return batch, inputs, n_vis, n_txt
 
 
-def _generate(loaded, batches: _Batches, compiled, name: str, settings: EvalSettings,
-              accountant: _Accountant, bar) -> PlanOutputs:
+def _generate(
+    loaded, batches: _Batches, compiled, name: str, settings: EvalSettings, accountant: _Accountant, bar
+) -> PlanOutputs:
     model = loaded.model
     gen_cfg = model.generation_config
     eos = gen_cfg.eos_token_id
@@ -280,7 +302,9 @@ def _generate(loaded, batches: _Batches, compiled, name: str, settings: EvalSett
     logits = []
     for i in range(len(batches)):
         batch, inputs, n_vis, n_txt = batches.get(i)
-        kwargs = dict(max_new_tokens=settings.max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        kwargs = dict(
+            max_new_tokens=settings.max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
         if pad is None and eos is not None:
             kwargs["pad_token_id"] = eos if isinstance(eos, int) else eos[0]
         t0 = time.perf_counter()
@@ -388,27 +412,31 @@ def evaluate(
         flops_true = _mean([a["flops_true"] if a else None for a in run.accounting])
         flops_paper = _mean([a["flops_paper"] if a else None for a in run.accounting])
         kv = _mean([a["kv_bytes"] if a else None for a in run.accounting])
-        metrics.append({
-            "name": name,
-            "plan": compiled[name][1].plan.model_dump(mode="json", exclude_defaults=True) if name in compiled else None,
-            "accuracy": acc,
-            "retention": fidelity.retention(acc, base_acc),
-            "first_token_agreement": fidelity.first_token_agreement(base.tokens, run.tokens),
-            "exact_match": fidelity.exact_match(base.tokens, run.tokens),
-            "first_token_kl": fidelity.first_token_kl(base.first_logits, run.first_logits),
-            "flops_true": flops_true,
-            "flops_paper": flops_paper,
-            "tflops_true": flops_true / 1e12 if flops_true is not None else None,
-            "tflops_paper": flops_paper / 1e12 if flops_paper is not None else None,
-            "kv_bytes": kv,
-            "kv_mib": kv / 2**20 if kv is not None else None,
-            "layer_average": sum(sum(p) / len(p) for p in run.visual_per_layer) / len(run.visual_per_layer),
-            "n_visual_mean": sum(run.n_visual) / len(run.n_visual),
-            "n_text_mean": sum(run.n_text) / len(run.n_text),
-            "seconds": run.seconds,
-            "ms_per_example": 1e3 * run.seconds / len(examples),
-            "select_seconds": run.select_seconds,
-        })
+        metrics.append(
+            {
+                "name": name,
+                "plan": compiled[name][1].plan.model_dump(mode="json", exclude_defaults=True)
+                if name in compiled
+                else None,
+                "accuracy": acc,
+                "retention": fidelity.retention(acc, base_acc),
+                "first_token_agreement": fidelity.first_token_agreement(base.tokens, run.tokens),
+                "exact_match": fidelity.exact_match(base.tokens, run.tokens),
+                "first_token_kl": fidelity.first_token_kl(base.first_logits, run.first_logits),
+                "flops_true": flops_true,
+                "flops_paper": flops_paper,
+                "tflops_true": flops_true / 1e12 if flops_true is not None else None,
+                "tflops_paper": flops_paper / 1e12 if flops_paper is not None else None,
+                "kv_bytes": kv,
+                "kv_mib": kv / 2**20 if kv is not None else None,
+                "layer_average": sum(sum(p) / len(p) for p in run.visual_per_layer) / len(run.visual_per_layer),
+                "n_visual_mean": sum(run.n_visual) / len(run.n_visual),
+                "n_text_mean": sum(run.n_text) / len(run.n_text),
+                "seconds": run.seconds,
+                "ms_per_example": 1e3 * run.seconds / len(examples),
+                "select_seconds": run.select_seconds,
+            }
+        )
     vanilla_flops = metrics[0]["flops_true"]
     for m in metrics:
         m["flop_ratio"] = vanilla_flops / m["flops_true"] if vanilla_flops and m["flops_true"] else None

@@ -1,46 +1,113 @@
-"""Strategies: scorers and selectors, one module per method.
+"""Strategies: scorers and selectors, one module per method (``docs/strategies/``).
 
-Built-in strategies register through the same pluggy hook as third-party ones.
+Built-in strategies register through the same pluggy hook as third-party ones.  Each class is
+also a plan component in Python, under its class name or a short one::
+
+    from tokenreduce.strategies import NMS, PIO
+
+    Stage(layer=2, keep=64, scorer=PIO(loss_positions=4), selector=NMS(threshold=0.8))
 """
 
 from tokenreduce.core.registry import hookimpl
 
+from .dart import DARTSelector
+from .divprune import DivPruneSelector
+from .fastv import FastVScorer
+from .holov import HoloVSelector
+from .nms import NMSSelector
+from .norm import NormScorer
+from .pdrop import PDropScorer
+from .pio import PIOScorer
+from .pio_ve import PIOVESelector
+from .random_select import RandomSelector
+from .scope import SCOPESelector
+from .sparsevlm import SparseVLMScorer, SparseVLMSelector
+from .topk import TopKSelector
+from .uniform import UniformSelector
+from .visionzip import CLSAttentionScorer, VisionZipSelector
+
+# short names for typed plans (SparseVLM and vision_cls keep their class names)
+PIO = PIOScorer
+FastV = FastVScorer
+PDrop = PDropScorer
+Norm = NormScorer
+NMS = NMSSelector
+TopK = TopKSelector
+Random = RandomSelector
+Uniform = UniformSelector
+DART = DARTSelector
+DivPrune = DivPruneSelector
+VisionZip = VisionZipSelector
+SCOPE = SCOPESelector
+HoloV = HoloVSelector
+PIOVE = PIOVESelector
+
+#: registered name -> class, per kind (the names plans use)
+SCORERS = {
+    "norm": NormScorer,
+    "pio": PIOScorer,
+    "fastv": FastVScorer,
+    "pdrop": PDropScorer,
+    "sparsevlm": SparseVLMScorer,
+    # encoder side (vision-tower signals; a stage at layer 0)
+    "vision_cls": CLSAttentionScorer,
+}
+SELECTORS = {
+    "topk": TopKSelector,
+    "nms": NMSSelector,
+    "random": RandomSelector,
+    "uniform": UniformSelector,
+    "sparsevlm": SparseVLMSelector,
+    "dart": DARTSelector,
+    "divprune": DivPruneSelector,
+    # encoder side
+    "visionzip": VisionZipSelector,
+    "scope": SCOPESelector,
+    "holov": HoloVSelector,
+    "pio_ve": PIOVESelector,
+}
+
+__all__ = [
+    "CLSAttentionScorer",
+    "DART",
+    "DARTSelector",
+    "DivPrune",
+    "DivPruneSelector",
+    "FastV",
+    "FastVScorer",
+    "HoloV",
+    "HoloVSelector",
+    "NMS",
+    "NMSSelector",
+    "Norm",
+    "NormScorer",
+    "PDrop",
+    "PDropScorer",
+    "PIO",
+    "PIOScorer",
+    "PIOVE",
+    "PIOVESelector",
+    "Random",
+    "RandomSelector",
+    "SCOPE",
+    "SCOPESelector",
+    "SCORERS",
+    "SELECTORS",
+    "SparseVLMScorer",
+    "SparseVLMSelector",
+    "TopK",
+    "TopKSelector",
+    "Uniform",
+    "UniformSelector",
+    "VisionZip",
+    "VisionZipSelector",
+    "tokenreduce_register",
+]
+
 
 @hookimpl
 def tokenreduce_register(registry) -> None:
-    from .dart import DARTSelector
-    from .divprune import DivPruneSelector
-    from .fastv import FastVScorer
-    from .nms import NMSSelector
-    from .norm import NormScorer
-    from .pdrop import PDropScorer
-    from .pio import PIOScorer
-    from .random_select import RandomSelector
-    from .sparsevlm import SparseVLMScorer, SparseVLMSelector
-    from .topk import TopKSelector
-    from .uniform import UniformSelector
-
-    registry.scorer("norm", NormScorer)
-    registry.scorer("pio", PIOScorer)
-    registry.scorer("fastv", FastVScorer)
-    registry.scorer("pdrop", PDropScorer)
-    registry.scorer("sparsevlm", SparseVLMScorer)
-    registry.selector("topk", TopKSelector)
-    registry.selector("nms", NMSSelector)
-    registry.selector("random", RandomSelector)
-    registry.selector("uniform", UniformSelector)
-    registry.selector("sparsevlm", SparseVLMSelector)
-    registry.selector("dart", DARTSelector)
-    registry.selector("divprune", DivPruneSelector)
-
-    # encoder-side methods (vision-tower signals; stage at layer 0)
-    from .holov import HoloVSelector
-    from .pio_ve import PIOVESelector
-    from .scope import SCOPESelector
-    from .visionzip import CLSAttentionScorer, VisionZipSelector
-
-    registry.scorer("vision_cls", CLSAttentionScorer)
-    registry.selector("visionzip", VisionZipSelector)
-    registry.selector("scope", SCOPESelector)
-    registry.selector("holov", HoloVSelector)
-    registry.selector("pio_ve", PIOVESelector)
+    for name, cls in SCORERS.items():
+        registry.scorer(name, cls)
+    for name, cls in SELECTORS.items():
+        registry.selector(name, cls)

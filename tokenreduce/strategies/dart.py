@@ -4,60 +4,25 @@ Paper: "Stop Looking for Important Tokens in Multimodal Language Models: Duplica
 More" (DART, EMNLP 2025), arXiv 2502.11494.  Official code: ``ZichenWen1/DART``; the
 re-implementation in ``ModelTC/llmc`` (``llmc/compression/token_reduction/dart.py``,
 ``get_retained_image_token``) was read to pin down the details (read for understanding only,
-nothing copied).  Docs page: ``docs/strategies/dart.md``.
+nothing copied).
 
-What it does at a cut before decoder layer K (per sample, ``k = keep[b]``):
-
-1. **Pivots.**  Key states of decoder layer K-1 (``input_layernorm`` -> ``k_proj`` -> RoPE, on
-   that layer's input; :meth:`SignalSource.key_states` with ``layer_offset=-1``), L1 norm over all
-   key heads and dimensions.  Image pivots: the ``pivot_image`` visual candidates with the largest
-   norm.  Text pivots: the ``pivot_text`` text tokens *after the last visual candidate* (the
-   question and the answer prompt) with the largest norm.
-2. **Features.**  The hidden states entering layer K passed through the language model's final
-   norm (:meth:`SignalSource.final_norm`), in float32.
-3. **Duplication-aware selection.**  The pool is every visual candidate except the image pivots.
-   Pivots are visited in ascending sequence order; each claims the ``q`` pool tokens *least*
-   cosine-similar to it, which then leave the pool.
-4. Kept: the image pivots and every claimed token (text pivots only guide; they are text and stay
-   anyway).  Original positions are kept (``positions: keep``).
-
-Budget: ``k`` is the plan's keep count.  With ``P = pivot_image + pivot_text`` pivots the
-``k - pivot_image`` claims are spread evenly, ``q = floor((k - pivot_image) / P)`` each, and the
-first ``(k - pivot_image) mod P`` pivots (in visiting order) claim one more, so exactly ``k``
-tokens are kept.
-
-Defaults of the paper/code (LLaVA-1.5): K = 2 (stage ``layer: 2``), 4 image + 4 text pivots,
-positions kept.  No attention matrix is read (keys and the final norm only), so DART runs under
-sdpa and flash-attention.
-
-Deviations from the official code:
-
-* exact keep count: official ``TOKEN_TOPK = floor(budget / P)`` claims per pivot, so it keeps
-  ``pivot_image + P * TOKEN_TOPK`` tokens (132 for its "128" setting); here the remainder is
-  spread so that exactly ``keep`` survive;
-* pivot visiting order: ascending sequence position (official: iteration order of a Python
-  ``set`` of positions, i.e. hash order); ties in norms and similarities go to the lower index;
-* any batch size, left padding, ragged visual counts (official: batch size 1, ``[0]`` indexing);
-* the visual span comes from the input ids; the text pivots are drawn from the valid tokens after
-  the last visual candidate (official: everything after a fixed-length image span);
-* with fewer text tokens than ``pivot_text`` all of them are pivots; with ``keep < pivot_image``
-  the ``keep`` strongest image pivots are kept and nothing is claimed.
-
-Extension (not in the paper): ``layer_offset=0`` takes the pivots' key states from the cut layer
-K itself (its projections on its input) instead of layer K-1, which allows a cut at layer 0 (the
-reference models' 4-layer decoders need one for layer-average budgets below 25%;
-``conf/plan/ref_dart_*.yaml``).
+Pivots: the visual and text tokens with the largest key L1 norm at layer K-1; each pivot then
+claims its share of the budget among the visual tokens least similar to it.  ``layer_offset=0``
+(an extension) reads the cut layer's keys and allows a cut at layer 0.  Details and deviations:
+``docs/strategies/dart.md``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from tokenreduce.core.cost import Cost, StageCostInput
+from tokenreduce.core.strategy import Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
 
@@ -100,28 +65,24 @@ def claim_quota(claims: int, pivots: int) -> list[int]:
     return [base + (1 if i < extra else 0) for i in range(pivots)]
 
 
-class DARTSelector:
+class DARTSelector(Selector):
     """Pivot tokens by key L1 norm, then the tokens least similar to them (DART, arXiv 2502.11494)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    pivot_image: int = Field(4, ge=1, description="image pivots: visual tokens with the largest key L1 norm")
+    pivot_text: int = Field(
+        4, ge=0, description="text pivots: text tokens after the image with the largest key L1 norm"
+    )
+    layer_offset: Literal[-1, 0] = Field(
+        -1,
+        description="-1: key states of layer K-1 (the paper); 0: of the cut layer K on its input "
+        "(an extension that allows a cut at layer 0)",
+    )
 
-        pivot_image: int = Field(4, ge=1, description="image pivots: visual tokens with the largest key L1 norm")
-        pivot_text: int = Field(4, ge=0, description="text pivots: text tokens after the image with the largest key L1 norm")
-        layer_offset: Literal[-1, 0] = Field(
-            -1,
-            description="-1: key states of layer K-1 (the paper); 0: of the cut layer K on its input "
-            "(an extension that allows a cut at layer 0)",
-        )
-
-    needs: ClassVar[Need] = Need.HIDDEN | Need.KEY_STATES
-    needs_scores: ClassVar[bool] = False
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs = Need.HIDDEN | Need.KEY_STATES
+    needs_scores = False
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
-        if self.settings.layer_offset == -1 and layer < 1:
+        if self.layer_offset == -1 and layer < 1:
             return (
                 "DART picks pivots by the key states of the layer before the cut (layer K-1), so it needs "
                 "a cut at layer >= 1 (the paper's default is layer 2); got layer 0 "
@@ -129,10 +90,18 @@ class DARTSelector:
             )
         return None
 
+    def cost(self, c: StageCostInput) -> Cost:
+        """The keys of the ``S`` tokens of the layer it reads; its cosine similarities are
+        element-wise products, not counted."""
+        s, nv = c.tokens_at(self.layer_offset)
+        d = c.dims.hidden
+        note = f"dart: keys of the S={s} tokens of layer {c.layer + self.layer_offset} (cosine similarities: element-wise, not counted)"
+        return Cost(2 * s * d * c.dims.kv_width, float(nv * d * d), note)
+
     @torch.no_grad()
     def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:
         """Exactly ``keep[b]`` (clamped to ``[0, n_visual[b]]``) ascending candidate indices per sample."""
-        keys = view.signals.key_states(layer_offset=self.settings.layer_offset)  # [B, H_kv, S, hd]
+        keys = view.signals.key_states(layer_offset=self.layer_offset)  # [B, H_kv, S, hd]
         key_norm = keys.float().abs().sum(dim=(1, 3))  # [B, S] L1 over heads and dims
         feats = view.signals.final_norm(view.hidden).float()  # [B, S, d]
         text_slots, text_valid = text_after_visual(view)
@@ -151,11 +120,11 @@ class DARTSelector:
         """One sample: ``key_norm`` ``[S]``, ``feats`` ``[S, d]`` float32, ``vis_slots`` ``[n]``,
         ``text_slots`` ``[T]``; returns ``k`` candidate indices (0..n-1)."""
         n = vis_slots.numel()
-        n_img = min(self.settings.pivot_image, k)
+        n_img = min(self.pivot_image, k)
         image_pivots = _top(key_norm[vis_slots], n_img)  # candidate indices
         if n_img == k:
             return image_pivots
-        text_pivots = [int(text_slots[i]) for i in _top(key_norm[text_slots], min(self.settings.pivot_text, text_slots.numel()))]
+        text_pivots = [int(text_slots[i]) for i in _top(key_norm[text_slots], min(self.pivot_text, text_slots.numel()))]
         # visiting order: ascending sequence position (image pivots as slots for the ordering)
         pivot_slots = sorted([int(vis_slots[i]) for i in image_pivots] + text_pivots)
         quota = claim_quota(k - n_img, len(pivot_slots))

@@ -3,34 +3,21 @@ within each crop (HoloV).
 
 Paper: "Don't Just Chase 'Highlighted Tokens' in MLLMs: Revisiting Visual Holistic Context
 Retention" (HoloV, NeurIPS 2025), arXiv 2510.02912.  The official code was **not available** to
-this project; everything below is derived from the paper's description (pio-spec §12 marks the
-details as low confidence) and documented as our reading.  Docs page: ``docs/strategies/holov.md``.
+this project; this is our reading of the paper's description, documented with its uncertain
+points in ``docs/strategies/holov.md``.
 
-At an encoder-side stage (layer 0), per sample keeping ``k`` tokens:
-
-1. **crops**: the image grid is split into ``crops x crops`` spatial crops (default 4 x 4; crop
-   of (row, col) = ``(row * c // side, col * c // side)``; every image of a sample has its own);
-2. **token score** (holistic: salient *and* not redundant within its crop):
-   ``t_i = a_i * (1 - mean_{j in crop(i), j != i} cos(x_i, x_j))``, with ``a`` = the stage's
-   scores (default ``vision_cls``, CLS -> patch attention at vision layer -2 summed over
-   heads) and ``x`` = the vision features (CLIP layer -2 output); ``1 - mean cos`` is clamped
-   at 0 (a crop of one token has diversity 1);
-3. **crop importance** ``R_c = sum_{i in c} t_i``; the budget is split in proportion to
-   ``R_c ** (1 / temperature)`` (temperature 1: proportional), capped at each crop's size, the
-   excess handed on to the other crops in proportion (water-filling, :func:`allocate`);
-4. **within each crop**: the ``k_c`` highest token scores (ties to the lower index).
-
-Only the selected tokens are kept (no merging), in image order.
+Encoder side (a stage at layer 0): each token scores its saliency times its diversity within
+its crop; the budget goes to the crops in proportion to their summed scores (water-filling),
+then each crop keeps its best tokens.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from tokenreduce.core.strategy import Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
 from .pio_ve import window_ids
@@ -100,19 +87,14 @@ def holov_pick(features: Tensor, saliency: Tensor, region: Tensor, k: int, tempe
     return chosen
 
 
-class HoloVSelector:
+class HoloVSelector(Selector):
     """Crop-wise budget allocation + within-crop selection (HoloV, arXiv 2510.02912; derived from the paper)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        crops: int = Field(default=4, ge=1, description="crops per grid side (4: 16 crops of 6x6 on 24x24)")
-        temperature: float = Field(default=1.0, gt=0.0, description="sharpness of the crop allocation")
+    crops: int = Field(default=4, ge=1, description="crops per grid side (4: 16 crops of 6x6 on 24x24)")
+    temperature: float = Field(default=1.0, gt=0.0, description="sharpness of the crop allocation")
 
-    needs: ClassVar[Need] = Need.VISION_FEATURES | Need.VISUAL_GRID
-    needs_scores: ClassVar[bool] = True
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs = Need.VISION_FEATURES | Need.VISUAL_GRID
+    needs_scores = True
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
         return check_encoder_stage("holov", layer)
@@ -129,6 +111,6 @@ class HoloVSelector:
             k = int(keep[b])
             if n == 0 or k == 0:
                 continue
-            region = window_ids(grid[b, :n], self.settings.crops)
-            mask[b, :n] = holov_pick(features[b, :n], scores[b, :n], region, k, self.settings.temperature)
+            region = window_ids(grid[b, :n], self.crops)
+            mask[b, :n] = holov_pick(features[b, :n], scores[b, :n], region, k, self.temperature)
         return Selection.from_mask(mask)

@@ -1,76 +1,27 @@
 """``nms`` selector: greedy feature-space non-maximum suppression in saliency order.
 
 Paper: "PIO-FVLM: Rethinking Training-Free Visual Token Reduction for VLM Acceleration from an
-Inference-Objective Perspective", arXiv 2602.04657 (v3 renamed "TRIO").  Provenance:
-``pio-spec.md`` §6 (NMS selection), §9 (pseudocode ``nms``), §5 and §15.11 (tie-break).
+Inference-Objective Perspective", arXiv 2602.04657 (v3 renamed "TRIO").
 
-What it does, per sample, with ``k = keep[b]`` and the ``n = n_visual[b]`` valid candidates:
-
-1. Order the candidates by descending score (saliency); equal scores: lower candidate index first
-   (stable sort).  NaN scores count as ``-inf``.
-2. Features: the hidden states at the cut (``view.visual_hidden()`` rows), cast to float32 and
-   L2-normalised; similarity = cosine = dot product of the normalised rows.
-3. One greedy pass in that order: a candidate already suppressed is skipped; otherwise it is
-   accepted and every candidate whose similarity with it is ``>= threshold`` (inclusive) becomes
-   suppressed.  Suppression comes only from accepted tokens.  Stop once ``k`` are accepted.
-4. Fill-up: if the pass ends with fewer than ``k`` accepted, walk the same order again and append
-   candidates not yet selected (suppressed ones included) until ``k``.
-5. Return the selected candidates in ascending (original) order.
-
-Defaults: ``threshold = 0.8`` (paper/code τ).  Samples with ``keep[b] >= n_visual[b]`` keep every
-valid candidate; ``keep[b] = 0`` keeps none.  ``keep`` outside ``[0, n_visual]`` is clamped.
-
-Deviations from the official code (same result, up to the documented tie-break):
-
-* The official ``layer_prune`` builds the full ``N x N`` similarity matrix, moves the boolean
-  ``C >= τ`` matrix to the host and loops over it in numpy.  Here the greedy pass is evaluated
-  blockwise (below): only similarities among the candidates the greedy pass actually examines are
-  computed, with one device-to-host transfer per block instead of one ``N x N`` transfer.  The
-  accepted set is exactly the one of the plain greedy pass.
-* The official code sorts with the default (unstable) ``argsort``, so equal saliencies are
-  ordered arbitrarily; here ties go to the lower candidate index (spec §5/§15.11).
-* Batches: the official code asserts batch size 1; here every sample of a ragged batch is
-  processed independently (``view.visual_valid`` marks its candidates).  Off CPU the rounds of
-  all samples run together as padded batched products (one host sync per round); on CPU, where
-  padding only costs compute, the samples run one after the other.  Same result either way.
-* Feature rows are gathered directly from ``view.hidden`` for the candidates examined (or from
-  ``view.visual_hidden()`` when a scorer already materialised it); only those rows are cast to
-  float32 and normalised.
-
-Blockwise evaluation (why it is exact).  The greedy decision for the candidate at rank ``p`` only
-depends on the accepted candidates at ranks ``< p``.  Each round takes the next window of ranks
-``[c, c + m)``; (a) the window rows are compared against the already accepted rows (an
-``m x a`` product): rows with a similarity ``>= τ`` are suppressed for good; (b) the survivors
-(at most ``cap`` of them, in rank order; the window is cut after the last one taken) are compared
-among themselves (an ``s x s`` product) and the greedy pass over them is resolved on the host with
-that small boolean matrix.  Window and cap sizes adapt to the acceptance rate seen so far (about
-``1.1 x`` the tokens still needed, scaled by examined/accepted; an unfinished sample's window at
-least doubles).  Step (a) runs in chunks of at most ``_CHUNK_ELEMS`` float32 elements and stops
-early once every sample has its cap of survivors.  Cost: about ``E * (k + s) * d``
-multiply-adds, ``E`` = candidates examined (``>= k``), instead of ``N^2 d``: ``k^2 d`` when the
-top-``k`` tokens are distinct.  In the near-duplicate worst case (everything similar to the first
-accepted token) ``E = N`` but the accepted set stays tiny, so the pass costs ``O(N a d)`` and the
-fill-up is a cumulative sum, with no further similarity.  The expensive case is a pass that walks
-all ``N`` candidates while accepting almost ``k`` of them (about ``N k d``, still ``N / k`` times
-less than the full matrix).
-
-Numerical note: a block product can differ from the entries of a full ``X Xᵀ`` product in the
-last float32 ulp (BLAS blocking), so a pair whose cosine lies within ~1e-6 of ``τ`` can be decided
-differently from a full-matrix implementation; every other decision is identical.  ``τ`` is
-compared in float32 (the threshold is rounded to float32).
+Candidates are visited by descending score (ties: lower index); each one not yet suppressed is
+accepted and suppresses every candidate whose cosine similarity with it is ``>= threshold``; a
+fill-up in the same order completes ``keep``.  The greedy pass is evaluated blockwise, with the
+same accepted set as the plain pass and only the similarities it examines.  The algorithm, why
+the blockwise pass is exact, its cost and the deviations: ``docs/strategies/nms.md``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 from torch import Tensor
 
+from tokenreduce.core.cost import Cost, StageCostInput
+from tokenreduce.core.strategy import Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
 #: rows x hidden size (float32 elements, summed over the active batch) normalised at a time
@@ -279,35 +230,35 @@ def greedy_nms_mask(
     return mask
 
 
-class NMSSelector:
-    """Greedy cosine-similarity NMS in descending-score order, with fill-up (PIO-FVLM §6).
+class NMSSelector(Selector):
+    """Greedy cosine-similarity NMS in descending-score order, with fill-up (PIO-FVLM).
 
     ``select(view, scores, keep)``: ``scores`` ``[B, N]`` float (higher = keep; required),
     ``keep`` ``[B]`` long.  Returns exactly ``keep[b]`` (clamped to ``[0, n_visual[b]]``) ascending
     candidate indices per sample.
     """
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        #: cosine similarity at or above which an accepted token suppresses a candidate
-        threshold: float = 0.8
+    #: cosine similarity at or above which an accepted token suppresses a candidate
+    threshold: float = 0.8
 
-        @field_validator("threshold")
-        @classmethod
-        def _check_threshold(cls, v: float) -> float:
-            if not (0.0 < v <= 1.0):  # also rejects NaN
-                raise ValueError(
-                    f"nms threshold must satisfy 0 < threshold <= 1 (a cosine similarity; "
-                    f"candidates with similarity >= threshold to an accepted token are suppressed), "
-                    f"got {v!r}"
-                )
-            return v
+    needs = Need.HIDDEN
+    needs_scores = True
 
-    needs: ClassVar[Need] = Need.HIDDEN
-    needs_scores: ClassVar[bool] = True
+    @field_validator("threshold")
+    @classmethod
+    def _check_threshold(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):  # also rejects NaN
+            raise ValueError(
+                f"nms threshold must satisfy 0 < threshold <= 1 (a cosine similarity; "
+                f"candidates with similarity >= threshold to an accepted token are suppressed), "
+                f"got {v!r}"
+            )
+        return v
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def cost(self, c: StageCostInput) -> Cost:
+        return Cost.not_counted(
+            "the similarities of the candidates it examines depend on the data: about E*(k+s)*d multiply-adds"
+        )
 
     @torch.no_grad()
     def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:
@@ -322,7 +273,5 @@ class NMSSelector:
         else:  # gather only the rows examined, straight from the hidden states
             feats, row_index = view.hidden, view.visual_index
         order = saliency_order(scores.to(valid.device), valid)
-        mask = greedy_nms_mask(
-            feats, row_index, order, valid.sum(-1), keep.to(valid.device), self.settings.threshold
-        )
+        mask = greedy_nms_mask(feats, row_index, order, valid.sum(-1), keep.to(valid.device), self.threshold)
         return Selection.from_mask(mask)

@@ -5,24 +5,20 @@ A cheap, signal-free scorer, mainly useful as a control and to exercise score-ba
 
 from __future__ import annotations
 
-from typing import ClassVar
-
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from tokenreduce.core.cost import Cost, StageCostInput
+from tokenreduce.core.strategy import Scorer
 from tokenreduce.core.types import Need, TokenView
 
 
-class NormScorer:
+class NormScorer(Scorer):
     """Score = L2 norm of the visual token's hidden state at the cut."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    needs: ClassVar[Need] = Need.HIDDEN
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs = Need.HIDDEN
 
     def score(self, view: TokenView) -> Tensor:
         return view.visual_hidden().float().norm(dim=-1)  # [B, N]
+
+    def cost(self, c: StageCostInput) -> Cost:
+        return Cost.zero(c.name)  # element-wise only

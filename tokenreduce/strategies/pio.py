@@ -3,56 +3,27 @@
 Paper: "PIO-FVLM: Rethinking Training-Free Visual Token Reduction for VLM Acceleration from an
 Inference-Objective Perspective", arXiv 2602.04657 (v3 renamed "TRIO: Token Reduction via
 Inference-Objective Guidance for Efficient Vision-Language Models").  Official code:
-``ocy1/PIO-FVLM`` / ``ocy1/TRIO`` (read for understanding only; nothing copied).  Algorithm per
-``pio-spec.md`` §4-§5; docs page ``docs/strategies/pio.md``.
+``ocy1/PIO-FVLM`` / ``ocy1/TRIO`` (read for understanding only; nothing copied).
 
-What it computes, per stage (cut before decoder layer K, hidden states ``H`` entering layer K):
-
-1. ``P = H.detach().requires_grad_()`` in the model dtype (cloned out of inference mode first).
-2. One decoder layer on ``P`` (``layer_offset=0``: layer K, "the next layer", the official
-   LLaVA choice; ``-1``: layer K-1 re-applied to its own output, the official Qwen choice),
-   causal, current positions, no KV cache; then the final norm and the LM head (logit lens);
-   logits cast to float32.
-3. Loss positions, per sample: the last ``loss_positions`` (4) positions of the shifted
-   sequence, i.e. valid slots ``S-5 .. S-2`` (the last prompt token is excluded by the shift).
-   They must lie after the last visual token (earlier positions have no gradient path to later
-   visual tokens); when fewer exist, the ones that do are used; with none, an error.
-4. Pseudo-labels: the argmax of those same logits (detached).  Loss: mean cross-entropy over the
-   sample's positions, summed over the batch (samples never interact).
-5. ``G = autograd.grad(loss, P)`` (never ``.backward()``: no ``.grad`` on any parameter).
-6. Saliency of each visual candidate, in float32: ``reduction="l2"`` (default, the paper's)
-   ``||G_j||_2``; ``reduction="grad_x_input"``: ``|sum_d G_j * P_j|``.
-
-Probe modes: ``fast`` (default) computes queries, ``o_proj``, the MLP, the final norm and the
-LM head only at the loss positions (keys and values at every position): the gradient is
-mathematically identical to the full layer's, at under half the cost of one plain layer
-forward (``benchmarks/bench_probe.py``).  ``exact``
-runs the model's own decoder-layer module over the whole sequence and then picks the rows.
-Neither materialises an attention matrix of the model nor changes its attention implementation.
-
-Defaults: ``loss_positions=4``, ``layer_offset=0``, ``probe=fast``, ``reduction=l2``.
-
-Deviations from the official code (all deliberate, see the docs page):
-
-* the saliency norm is taken in float32 (official LLaVA: in fp16; Qwen: in bf16, then cast);
-* any batch size, left padding, ragged visual counts (official: batch size 1, asserted);
-* loss positions are clipped to the text after the last visual token (official: always the last
-  4 shifted positions, whatever they are);
-* the probe layer is a setting (official: next layer for LLaVA, same layer for Qwen);
-* the full visual span is the candidate set (official LLaVA-NeXT path caps it at 576);
-* ties in the ranking are broken by the selector deterministically (official: unstable argsort).
+One decoder layer, the final norm and the LM head run on the hidden states at the cut; the
+cross-entropy of the last prompt positions against their own argmax is differentiated with
+respect to those hidden states (``torch.autograd.grad``: no parameter gets a ``.grad``), and each
+visual token scores the norm of its gradient, in float32.  The algorithm, the ``fast`` and
+``exact`` probes and the deviations from the official code: ``docs/strategies/pio.md``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from tokenreduce.core.cost import Cost, StageCostInput, TextDims, layer_flops_paper
 from tokenreduce.core.errors import UnsupportedCallError
+from tokenreduce.core.strategy import Scorer
 from tokenreduce.core.types import Need, TokenView
 
 
@@ -84,7 +55,7 @@ def loss_rows(view: TokenView, loss_positions: int) -> tuple[Tensor, Tensor]:
         raise UnsupportedCallError(
             f"pio scorer: sample {sample} has {n_after} text token(s) after its last visual token; the proxy "
             "loss needs at least 2 (it reads the positions before the last prompt token, which the shift "
-            "excludes; pio-spec §4). Put text after the image or use another scorer for this input."
+            "excludes; docs/strategies/pio.md). Put text after the image or use another scorer for this input."
         )
     m = torch.where(has_visual, available.clamp(max=loss_positions), torch.zeros_like(available))  # [B]
     from_end = valid.long().flip(-1).cumsum(-1).flip(-1)  # [B, S] valid slots at or after each slot
@@ -132,31 +103,47 @@ def proxy_gradient(
     return grad.detach(), p.detach()
 
 
-class PIOScorer:
+def pio_probe_flops(s: int, rows: int, dims: TextDims, probe: str) -> tuple[int, int]:
+    """True (forward, backward) FLOPs of the PIO probe on ``s`` tokens with ``rows`` loss rows.
+
+    ``fast``: k, v on all ``s``; q, o, MLP, LM head and the attention at ``rows`` only.
+    ``exact``: the whole layer on ``s``, the LM head at ``rows``.  Backward: gradient with
+    respect to the hidden states only (no weight gradients): every linear product once more,
+    attention products twice (both operands depend on the probe input)."""
+    d, q, kv, m, v = dims.hidden, dims.q_width, dims.kv_width, dims.intermediate, dims.vocab
+    head = 2 * rows * d * v
+    if probe == "fast":
+        linear = 2 * (2 * s * d * kv + rows * d * q + rows * q * d) + 2 * dims.mlp_matrices * rows * d * m
+        attention = 4 * rows * s * q
+    elif probe == "exact":
+        linear = 2 * (s * d * q + 2 * s * d * kv + s * q * d) + 2 * dims.mlp_matrices * s * d * m
+        attention = 4 * s * s * q
+    else:
+        raise ValueError(f"probe must be 'fast' or 'exact'; got {probe!r}")
+    forward = linear + attention + head
+    backward = linear + 2 * attention + head
+    return forward, backward
+
+
+class PIOScorer(Scorer):
     """Gradient saliency of a layer-local self-supervised proxy loss (PIO-FVLM, arXiv 2602.04657)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    loss_positions: int = Field(4, ge=1, description="last positions of the shifted prompt the proxy loss reads")
+    layer_offset: Literal[0, -1] = Field(
+        0,
+        description="probe layer: 0 = the cut layer K (next layer, official LLaVA); -1 = layer K-1 (official Qwen)",
+    )
+    probe: Literal["fast", "exact"] = Field(
+        "fast", description="fast: loss rows only (identical gradient); exact: the model's full layer module"
+    )
+    reduction: Literal["l2", "grad_x_input"] = Field(
+        "l2", description="l2: ||G_j||_2 (paper); grad_x_input: |sum_d G_j * H_j|"
+    )
 
-        loss_positions: int = Field(4, ge=1, description="last positions of the shifted prompt the proxy loss reads")
-        layer_offset: Literal[0, -1] = Field(
-            0,
-            description="probe layer: 0 = the cut layer K (next layer, official LLaVA); -1 = layer K-1 (official Qwen)",
-        )
-        probe: Literal["fast", "exact"] = Field(
-            "fast", description="fast: loss rows only (identical gradient); exact: the model's full layer module"
-        )
-        reduction: Literal["l2", "grad_x_input"] = Field(
-            "l2", description="l2: ||G_j||_2 (paper); grad_x_input: |sum_d G_j * H_j|"
-        )
-
-    needs: ClassVar[Need] = Need.LAYER_PROBE
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs = Need.LAYER_PROBE
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
-        if self.settings.layer_offset == -1 and layer < 1:
+        if self.layer_offset == -1 and layer < 1:
             return (
                 "layer_offset=-1 re-runs the layer before the cut, and a cut at layer 0 has none; "
                 "cut at layer >= 1 or use layer_offset=0"
@@ -165,14 +152,26 @@ class PIOScorer:
 
     def score(self, view: TokenView) -> Tensor:
         """``[B, N]`` float32 saliency of the visual candidates (0 where ``visual_valid`` is False)."""
-        st = self.settings
         grad, probe_input = proxy_gradient(
-            view, loss_positions=st.loss_positions, layer_offset=st.layer_offset, probe=st.probe
+            view, loss_positions=self.loss_positions, layer_offset=self.layer_offset, probe=self.probe
         )
         idx = view.visual_index.unsqueeze(-1).expand(-1, -1, grad.shape[-1])  # [B, N, d]
         g = grad.gather(1, idx).float()  # [B, N, d] float32, whatever the model dtype
-        if st.reduction == "l2":
+        if self.reduction == "l2":
             sal = g.norm(dim=-1)
         else:
             sal = (g * probe_input.gather(1, idx).float()).sum(-1).abs()
         return sal.masked_fill(~view.visual_valid, 0.0)  # [B, N]
+
+    def cost(self, c: StageCostInput) -> Cost:
+        """True: the probe's forward and input-gradient backward on the ``S`` tokens entering the
+        stage (``R = min(loss_positions, n_text - 1)`` loss rows); paper: ``f(N)`` forward plus
+        ``probe_backward_factor x f(N)`` backward (``docs/measurement.md``)."""
+        rows = max(1, min(self.loss_positions, c.n_text - 1))
+        fwd, bwd = pio_probe_flops(c.tokens_before, rows, c.dims, self.probe)
+        paper = layer_flops_paper(c.visual_before, c.dims.hidden, c.dims.intermediate) * (1.0 + c.probe_backward_factor)
+        note = (
+            f"pio probe={self.probe}: forward {fwd:.4g} + backward {bwd:.4g} on S={c.tokens_before} tokens, "
+            f"{rows} loss rows; paper f({c.visual_before}) x (1 + {c.probe_backward_factor:g})"
+        )
+        return Cost(fwd + bwd, paper, note)

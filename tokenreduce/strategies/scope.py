@@ -3,34 +3,19 @@
 Paper: "SCOPE: Saliency-Coverage Oriented Token Pruning for Efficient Multimodal LLMs"
 (NeurIPS 2025), arXiv 2510.24214.  Official code: ``kinredon/SCOPE``
 (``scope/clip_encoder.py``, function ``SCOPE``); read for understanding only, nothing copied.
-Docs page: ``docs/strategies/scope.md``.
 
-At an encoder-side stage (layer 0), per sample, with ``C`` = cosine similarity of the
-candidates' vision features (CLIP layer -2 output, the projector's input; ``[N, N]``) and ``a``
-= the stage's scores (by default ``vision_cls``: CLS -> patch attention at vision layer -2,
-summed over heads):
-
-* ``cur_max[j] = 0`` for every candidate ``j``;
-* repeat ``k`` times: ``gain[i] = sum_j max(0, C[j, i] - cur_max[j])`` over all candidates ``j``,
-  ``score[i] = gain[i] * a[i] ** alpha`` (``alpha = 1``), pick the unselected ``i`` with the
-  largest score (ties: lower index), ``cur_max = max(cur_max, C[:, i])``.
-
-Only the selected tokens are kept (no merging), in image order.
-
-Deviations from the official code: any batch composition (the official code splits the
-budget evenly over a batch of images); the exponent is a setting (official: environment
-variable ``ALPHA``); the additive combination (``COMBINED=add``) is not offered; signals are
-recomputed from captured CLIP layer inputs (official: eager attention maps).
+Encoder side (a stage at layer 0): each step picks the token whose coverage gain over the vision
+features, times its saliency to the power ``alpha``, is largest.  Details and deviations:
+``docs/strategies/scope.md``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from tokenreduce.core.strategy import Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
 from .visionzip import check_encoder_stage
@@ -63,18 +48,13 @@ def scope_greedy(features: Tensor, saliency: Tensor, k: int, alpha: float = 1.0)
     return picks
 
 
-class SCOPESelector:
+class SCOPESelector(Selector):
     """Saliency x coverage greedy selection on vision features (SCOPE, arXiv 2510.24214)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        alpha: float = Field(default=1.0, ge=0.0, description="exponent on the saliency (CLS attention)")
+    alpha: float = Field(default=1.0, ge=0.0, description="exponent on the saliency (CLS attention)")
 
-    needs: ClassVar[Need] = Need.VISION_FEATURES
-    needs_scores: ClassVar[bool] = True
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs = Need.VISION_FEATURES
+    needs_scores = True
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
         return check_encoder_stage("scope", layer)
@@ -88,5 +68,5 @@ class SCOPESelector:
         for b in range(view.batch_size):
             n = int(view.visual_valid[b].sum())
             k = int(keep[b])
-            rows.append(scope_greedy(features[b, :n], scores[b, :n], k, self.settings.alpha) if k else [])
+            rows.append(scope_greedy(features[b, :n], scores[b, :n], k, self.alpha) if k else [])
         return Selection.from_lists(rows, device=keep.device)

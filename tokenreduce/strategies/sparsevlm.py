@@ -5,75 +5,26 @@ Paper: "SparseVLM: Visual Token Sparsification for Efficient Vision-Language Mod
 ICML version, March 2025: ``llava/model/language_model/modelling_sparse_llama.py``, ``score.py``,
 ``utils.py::cluster_and_merge``) is what this follows; the original October 2024 release (the
 first commits of ``main``) was read for the adaptive rank rule (read for understanding only,
-nothing copied).  Docs page: ``docs/strategies/sparsevlm.md``.
+nothing copied).
 
-Scorer ``sparsevlm`` (per sample, at a cut before decoder layer K with hidden states ``H``):
-
-1. **Raters.**  Text tokens after the last visual candidate ``t_1..t_T`` (question and answer
-   prompt).  Relevance of each: ``r_t = mean_v softmax_t(H_v . H_t)`` (raw dot products of the
-   hidden states, softmax over the text tokens, mean over the visual tokens, float32).  Raters:
-   the text tokens with ``r_t > mean_t r_t``.
-2. **Scores.**  Attention probabilities of the raters (queries) over the whole sequence at a
-   decoder layer (``layer_offset=0``: layer K's projections on its input, default; ``-1``: layer
-   K-1), averaged over heads and over raters, read at the visual candidates.  The rows are
-   recomputed by :meth:`SignalSource.attention_rows` from the layer's own projections, so this
-   runs under sdpa and flash-attention (the official code computes the full attention matrix of
-   the pruning layer itself).
-
-Selector ``sparsevlm`` (per sample; ``N`` visual candidates, ``T = keep[b]`` tokens to keep):
-
-1. ``c`` recycled clusters (below); keep the ``T - c`` highest-scoring candidates.
-2. **Recycling.**  Of the ``d = N - (T - c)`` deleted candidates, the ``r = floor(0.3 d) + 1``
-   with the highest scores are clustered into ``c = floor(r / 10) + 1`` clusters by density-peak
-   clustering with k nearest neighbours (DPC-KNN, ``k = c``) on their hidden states; each cluster
-   becomes the mean of its members.
-3. **Merged tokens (the core rule, :class:`~tokenreduce.core.types.Selection`).**  Each merged
-   token replaces its cluster's centre (a deleted token that is revived as the anchor): it takes
-   the centre's slot and position id, and carries the cluster mean as hidden state.  The stage
-   keeps exactly ``T`` tokens: ``T - c`` top tokens + ``c`` anchors.  The official code instead
-   *appends* the ``c`` merged tokens after the kept visual tokens (positions renumbered), also
-   giving ``T`` visual tokens in total.
-   ``c`` solves ``c = clusters(N - (T - c))`` (the least fixed point, found by iterating from 0;
-   it exists because ``clusters`` is non-decreasing and bounded), so a plan keep ``T`` equal to
-   the official ``k + c`` reproduces the official top-``k`` count exactly.
-
-Budget: **the plan's keep is the count** (top tokens + merged tokens), as in SparseVLM v1.5,
-whose per-budget lists fix the kept count per pruning layer (``score.py``:
-``sparse_token_list_192 = [300, 200, 110]`` etc.).  The original release's *adaptive* count,
-``keep = min(int(rank(A) * scale + bias), N - 1)`` with ``A`` the raters x visual attention
-matrix, is not used: a plan fixes the count of each stage per sample, and the core checks that a
-selector returns exactly that count.  ``adaptive_keep`` below computes that rule for reference.
-
-Defaults (LLaVA-1.5, v1.5 code): pruning layers 2, 6, 15 (0-based: the layer whose attention
-ranks, and after which the official code drops), recycling on (30%, one cluster per 10),
-positions renumbered contiguously (``positions: renumber``).
-
-Deviations from the official code:
-
-* raters are chosen at every stage from the hidden states at that cut (official: once, from the
-  input embeddings before the first decoder layer; a strategy sees only its own cut);
-* the default scores a stage cut before layer L with layer L's attention on its input, and the
-  recycled tokens are built from layer L's *input*; the official code runs layer L on all tokens
-  and prunes and recycles its *output* (use ``layer: L + 1`` with ``layer_offset: -1`` for that
-  placement; the layer averages in the docs page show the difference);
-* merged tokens replace anchors instead of being appended (see above);
-* DPC-KNN ties are broken deterministically (official: ``+ 1e-6 * rand`` on the densities): equal
-  densities rank by pool order (higher score first); the merged token is the exact mean
-  (official: divides by ``count + 1e-6``);
-* any batch size, left padding, ragged visual counts (official: batch size 1);
-* without a text token after the image the last valid token is the only rater; when no text token
-  is above the mean relevance, all of them are raters (official: an empty rater set, NaN scores).
+The scorer averages the attention of the text "raters" (the text tokens after the image whose
+relevance to the visual tokens is above the mean) to each visual token.  The selector keeps the
+top tokens and recycles the best deleted ones into merged tokens (DPC-KNN clusters), each
+replacing its cluster's centre; the plan's keep is the count of both.  Details, budgets and the
+deviations from the official code: ``docs/strategies/sparsevlm.md``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from tokenreduce.core.cost import Cost, StageCostInput
+from tokenreduce.core.strategy import Scorer, Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
 from .dart import text_after_visual
@@ -111,32 +62,29 @@ def select_raters(view: TokenView) -> tuple[Tensor, Tensor]:
     return rater_slots, rater_valid
 
 
-class SparseVLMScorer:
+class SparseVLMScorer(Scorer):
     """Mean attention of SparseVLM's text raters to each visual token (arXiv 2410.04417)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    layer_offset: Literal[0, -1] = Field(
+        0,
+        description="attention of the cut layer K on its input (0) or of layer K-1 (-1); the official "
+        "code ranks with its pruning layer's attention and drops after that layer",
+    )
 
-        layer_offset: Literal[0, -1] = Field(
-            0,
-            description="attention of the cut layer K on its input (0) or of layer K-1 (-1); the official "
-            "code ranks with its pruning layer's attention and drops after that layer",
-        )
-
-    needs: ClassVar[Need] = Need.HIDDEN | Need.ATTENTION_ROWS
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs = Need.HIDDEN | Need.ATTENTION_ROWS
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
-        if self.settings.layer_offset == -1 and layer < 1:
+        if self.layer_offset == -1 and layer < 1:
             return "layer_offset=-1 reads the layer before the cut, and a cut at layer 0 has none; use layer_offset=0"
         return None
+
+    def cost(self, c: StageCostInput) -> Cost:
+        return Cost.not_counted("rater rows and their relevance products depend on the data")
 
     def score(self, view: TokenView) -> Tensor:
         """``[B, N]`` float32: head- and rater-averaged attention to each candidate (0 where invalid)."""
         slots, valid = select_raters(view)  # [B, R]
-        probs = view.signals.attention_rows(slots, layer_offset=self.settings.layer_offset)  # [B, H, R, S]
+        probs = view.signals.attention_rows(slots, layer_offset=self.layer_offset)  # [B, H, R, S]
         per_rater = probs.float().mean(dim=1)  # [B, R, S]
         w = valid.float().unsqueeze(-1)
         received = (per_rater * w).sum(1) / w.sum(1).clamp(min=1.0)  # [B, S]
@@ -207,23 +155,20 @@ def dpc_knn(features: Tensor, clusters: int) -> tuple[list[int], Tensor]:
     return centres.tolist(), assign
 
 
-class SparseVLMSelector:
+class SparseVLMSelector(Selector):
     """Top-k by score plus SparseVLM's recycling of the best deleted tokens into merged tokens."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    recycle: bool = Field(True, description="merge the best deleted tokens into cluster tokens (official: on)")
+    recycle_ratio: float = Field(
+        0.3, gt=0.0, le=1.0, description="share of the deleted tokens (by score) that are recycled"
+    )
+    per_cluster: int = Field(10, ge=1, description="recycled tokens per cluster: clusters = floor(recycled / this) + 1")
 
-        recycle: bool = Field(True, description="merge the best deleted tokens into cluster tokens (official: on)")
-        recycle_ratio: float = Field(
-            0.3, gt=0.0, le=1.0, description="share of the deleted tokens (by score) that are recycled"
-        )
-        per_cluster: int = Field(10, ge=1, description="recycled tokens per cluster: clusters = floor(recycled / this) + 1")
+    needs = Need.HIDDEN
+    needs_scores = True
 
-    needs: ClassVar[Need] = Need.HIDDEN
-    needs_scores: ClassVar[bool] = True
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def cost(self, c: StageCostInput) -> Cost:
+        return Cost.not_counted("DPC-KNN clustering of the recycled tokens depends on the data")
 
     @torch.no_grad()
     def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:
@@ -235,14 +180,15 @@ class SparseVLMSelector:
         valid = view.visual_valid
         if scores.shape != valid.shape:
             raise ValueError(f"scores must be [B, N] = {tuple(valid.shape)}, got {tuple(scores.shape)}")
-        st = self.settings
         key = torch.nan_to_num(scores.float(), nan=float("-inf")).masked_fill(~valid, float("-inf"))
         order = torch.sort(key, dim=-1, descending=True, stable=True).indices  # [B, N]
         d = view.hidden.shape[-1]
         rows, merged_rows = [], []
         for b, (n, k) in enumerate(zip(view.n_visual.tolist(), keep.tolist())):
             k = min(max(int(k), 0), n)
-            top, recycled, clusters = recycle_sizes(n, k, st.recycle_ratio, st.per_cluster) if st.recycle else (k, 0, 0)
+            top, recycled, clusters = (
+                recycle_sizes(n, k, self.recycle_ratio, self.per_cluster) if self.recycle else (k, 0, 0)
+            )
             ranked = order[b, :n]
             kept = ranked[:top].tolist()
             merged: dict[int, Tensor] = {}

@@ -5,13 +5,12 @@ Ties are broken deterministically: the lower candidate index wins (stable sort).
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from tokenreduce.core.types import Need, Selection, TokenView
+from tokenreduce.core.cost import Cost, StageCostInput
+from tokenreduce.core.strategy import Selector
+from tokenreduce.core.types import Selection, TokenView
 
 
 def topk_mask(scores: Tensor, valid: Tensor, keep: Tensor) -> Tensor:
@@ -22,17 +21,13 @@ def topk_mask(scores: Tensor, valid: Tensor, keep: Tensor) -> Tensor:
     return torch.zeros_like(valid).scatter(1, order, rank_ok) & valid
 
 
-class TopKSelector:
+class TopKSelector(Selector):
     """Keep the ``k`` highest-scoring visual tokens (ties: lower index first)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-
-    needs: ClassVar[Need] = Need.NONE
-    needs_scores: ClassVar[bool] = True
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs_scores = True
 
     def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:
         return Selection.from_mask(topk_mask(scores, view.visual_valid, keep))
+
+    def cost(self, c: StageCostInput) -> Cost:
+        return Cost.zero(c.name)

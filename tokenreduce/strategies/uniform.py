@@ -11,12 +11,12 @@ and column for 1/4); after earlier stages it spreads the survivors evenly over w
 from __future__ import annotations
 
 import math
-from typing import ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from tokenreduce.core.cost import Cost, StageCostInput
+from tokenreduce.core.strategy import Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
 
@@ -60,17 +60,13 @@ def lattice_pick(rows: Tensor, cols: Tensor, k: int) -> list[int]:
     return chosen
 
 
-class UniformSelector:
+class UniformSelector(Selector):
     """Evenly spaced visual tokens over each image's grid (a spatial-coverage baseline)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+    needs = Need.VISUAL_GRID
 
-    needs: ClassVar[Need] = Need.VISUAL_GRID
-    needs_scores: ClassVar[bool] = False
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def cost(self, c: StageCostInput) -> Cost:
+        return Cost.zero(c.name)
 
     def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:
         grid = view.signals.visual_grid().cpu()  # [B, N, 3]

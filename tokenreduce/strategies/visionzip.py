@@ -3,42 +3,23 @@
 Paper: "VisionZip: Longer is Better but Not Necessary in Vision Language Models" (CVPR 2025),
 arXiv 2412.04467.  Official code: ``dvlab-research/VisionZip`` (and the copy in
 ``kinredon/SCOPE``'s ``scope/clip_encoder.py``); read for understanding only, nothing copied.
-Docs page: ``docs/strategies/visionzip.md``.
 
-Encoder side (a stage at layer 0, the first stage of a plan).  Per sample with ``k`` kept tokens:
-
-* ``c`` contextual tokens (``round(contextual_ratio * k)``, default ratio 5/32: 192 = 162 + 30,
-  128 = 108 + 20, 64 = 54 + 10) and ``k - c`` **dominant** tokens: the highest scores of the
-  stage's scorer, by default ``vision_cls`` = the CLS query's attention to each patch at
-  vision layer -2, **summed** over heads;
-* **contextual** tokens: the ``M`` remaining candidates, in order; ``c`` targets at a uniform
-  stride (``step = max(1, M // c)``, positions ``0, step, 2 step, ...``, the first ``c``); every
-  other remaining candidate is assigned to its most similar target (cosine of the layer -2
-  patch **keys averaged over heads**, ties to the first target); each target becomes
-  ``target + mean(assigned)`` in the vision-feature space (the projector's input), then goes
-  through the model's projector.
-
-Merged tokens follow the core rule (:class:`~tokenreduce.core.types.Selection`): a contextual
-token replaces its **target** token and takes the target's slot and position id.
-
-Deviations from the official code:
-
-* the official code appends the contextual tokens after the dominant ones; here each sits at
-  its target's place in the image (sequence order = image order);
-* a sample with several images is one pool (the official code splits the budget per image);
-* signals are recomputed from captured layer inputs (the official code switches CLIP to eager
-  attention and patches its attention forward to store keys);
-* ties in the dominant top-k go to the lower index (official: ``torch.topk``, unspecified).
+Encoder side (a stage at layer 0, the first of a plan): the dominant tokens are the best by the
+scorer (``vision_cls``: CLS -> patch attention at vision layer -2, summed over heads); the
+remaining tokens are merged into a few contextual tokens by key similarity in the
+vision-feature space, each replacing its target token.  Details and deviations:
+``docs/strategies/visionzip.md``.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from torch import Tensor
 
+from tokenreduce.core.strategy import Scorer, Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
 from .topk import topk_mask
@@ -54,28 +35,23 @@ def check_encoder_stage(name: str, layer: int) -> str | None:
     return ENCODER_ONLY.format(name=name, layer=layer) if layer != 0 else None
 
 
-class CLSAttentionScorer:
+class CLSAttentionScorer(Scorer):
     """CLS -> patch attention at a vision-tower layer, reduced over heads (VisionZip, SCOPE, HoloV)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        layer: int = Field(default=-2, description="vision encoder layer (negative from the end)")
-        heads: Literal["sum", "mean"] = Field(default="sum", description="reduction over heads")
+    layer: int = Field(default=-2, description="vision encoder layer (negative from the end)")
+    heads: Literal["sum", "mean"] = Field(default="sum", description="reduction over heads")
 
-    needs: ClassVar[Need] = Need.VISION_CLS_ATTENTION
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs = Need.VISION_CLS_ATTENTION
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
         return check_encoder_stage("vision_cls", layer)
 
     def vision_layers(self) -> tuple[int, ...]:
-        return (self.settings.layer,)
+        return (self.layer,)
 
     def score(self, view: TokenView) -> Tensor:
         """``[B, N]`` float32 CLS attention of each candidate (0 at invalid ones)."""
-        scores = view.signals.vision_cls_attention(self.settings.layer, self.settings.heads)
+        scores = view.signals.vision_cls_attention(self.layer, self.heads)
         return scores.float().masked_fill(~view.visual_valid, 0.0)
 
 
@@ -114,44 +90,40 @@ def merge_contextual(keys: Tensor, features: Tensor, c: int) -> tuple[Tensor, Te
     sim = normed[~is_target] @ normed[targets].T  # [M - c, c]
     assign = sim.argmax(dim=-1)  # first maximum
     feats = features.float()
-    sums = torch.zeros(c, feats.shape[-1], dtype=feats.dtype, device=feats.device).index_add_(0, assign, feats[~is_target])
+    sums = torch.zeros(c, feats.shape[-1], dtype=feats.dtype, device=feats.device).index_add_(
+        0, assign, feats[~is_target]
+    )
     counts = torch.bincount(assign, minlength=c).clamp(min=1).unsqueeze(-1).to(feats.dtype)
     return targets, feats[targets] + sums / counts
 
 
-class VisionZipSelector:
+class VisionZipSelector(Selector):
     """Dominant tokens by score + contextual tokens merged by key similarity (VisionZip)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        layer: int = Field(default=-2, description="vision encoder layer whose keys drive the contextual merge")
-        contextual_ratio: float = Field(
-            default=5 / 32, ge=0.0, lt=1.0, description="contextual share of the kept tokens (5/32: 162+30 of 192)"
-        )
-        contextual: int | None = Field(default=None, ge=0, description="fixed contextual count (overrides the ratio)")
+    layer: int = Field(default=-2, description="vision encoder layer whose keys drive the contextual merge")
+    contextual_ratio: float = Field(
+        default=5 / 32, ge=0.0, lt=1.0, description="contextual share of the kept tokens (5/32: 162+30 of 192)"
+    )
+    contextual: int | None = Field(default=None, ge=0, description="fixed contextual count (overrides the ratio)")
 
-    needs: ClassVar[Need] = Need.VISION_KEYS | Need.VISION_FEATURES
-    needs_scores: ClassVar[bool] = True
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    needs = Need.VISION_KEYS | Need.VISION_FEATURES
+    needs_scores = True
 
     def check_stage(self, layer: int, n_layers: int) -> str | None:
         return check_encoder_stage("visionzip", layer)
 
     def vision_layers(self) -> tuple[int, ...]:
-        return (self.settings.layer,)
+        return (self.layer,)
 
     def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:
         """Exactly ``keep[b]`` tokens: dominant ∪ targets, ascending; ``hidden`` ``[B, k, d]``
         holds the projected merged features at the targets, the unchanged hidden states elsewhere."""
-        s = self.settings
         n_vis = view.n_visual
-        counts = [contextual_count(int(k), int(n), s.contextual_ratio, s.contextual) for k, n in zip(keep, n_vis)]
+        counts = [contextual_count(int(k), int(n), self.contextual_ratio, self.contextual) for k, n in zip(keep, n_vis)]
         dominant = topk_mask(scores, view.visual_valid, keep - torch.tensor(counts, device=keep.device))  # [B, N]
         if not any(counts):
             return Selection.from_mask(dominant)
-        keys = view.signals.vision_keys(s.layer, "mean")  # [B, N, h]
+        keys = view.signals.vision_keys(self.layer, "mean")  # [B, N, h]
         features = view.signals.vision_features()  # [B, N, d_v]
         keep_mask = dominant.clone()
         merged: list[tuple[Tensor, Tensor]] = []  # per sample: (candidate indices, features)
