@@ -20,7 +20,10 @@ def _outputs(folder):
 
 def test_run_writes_answer_trace_and_config(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "plan=demo", "plan.stages.0.keep.ratio=0.25", *TINY, "run.max_new_tokens=3", f"out_dir={out}"]) == 0
+    assert (
+        main(["run", "plan=demo", "plan.stages.0.keep.ratio=0.25", *TINY, "run.max_new_tokens=3", f"out_dir={out}"])
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "with plan demo*" in printed and "vanilla" in printed and "layer average" in printed
     config, results = _outputs(out)
@@ -33,8 +36,16 @@ def test_run_writes_answer_trace_and_config(tmp_path, capsys):
 
 def test_eval_vanilla_then_plans(tmp_path, capsys):
     out = tmp_path / "eval"
-    argv = ["eval", "plans=[demo,uniform_25]", *TINY, "task.n=4", "eval.batch_size=3", "eval.max_new_tokens=2",
-            "eval.progress=false", f"out_dir={out}"]
+    argv = [
+        "eval",
+        "plans=[demo,uniform_25]",
+        *TINY,
+        "task.n=4",
+        "eval.batch_size=3",
+        "eval.max_new_tokens=2",
+        "eval.progress=false",
+        f"out_dir={out}",
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "1st-tok KL" in printed and "uniform_25" in printed
@@ -51,8 +62,17 @@ def test_eval_vanilla_then_plans(tmp_path, capsys):
 
 def test_bench_reports_speedups_beside_the_flop_limit(tmp_path, capsys):
     out = tmp_path / "bench"
-    argv = ["bench", "plans=[uniform_25]", *TINY, "bench.warmup=0", "bench.repeats=1", "bench.max_new_tokens=2",
-            "bench.progress=false", "bench.threads=1", f"out_dir={out}"]
+    argv = [
+        "bench",
+        "plans=[uniform_25]",
+        *TINY,
+        "bench.warmup=0",
+        "bench.repeats=1",
+        "bench.max_new_tokens=2",
+        "bench.progress=false",
+        "bench.threads=1",
+        f"out_dir={out}",
+    ]
     assert main(argv) == 0
     assert "FLOP limit x" in capsys.readouterr().out
     _, results = _outputs(out)
@@ -64,8 +84,19 @@ def test_bench_reports_speedups_beside_the_flop_limit(tmp_path, capsys):
 
 def test_flops_of_a_real_config_needs_no_weights(tmp_path, capsys):
     out = tmp_path / "flops"
-    assert main(["flops", "model=llava_1_5_7b", "plans=[fastv_64,plan]", "plan=pio_64", "plan.stages.0.keep=32",
-                 f"out_dir={out}"]) == 0
+    assert (
+        main(
+            [
+                "flops",
+                "model=llava_1_5_7b",
+                "plans=[fastv_64,plan]",
+                "plan=pio_64",
+                "plan.stages.0.keep=32",
+                f"out_dir={out}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "2.986T" in printed  # the paper's 2.98 T for LLaVA-1.5-7B's 576 visual tokens
     _, results = _outputs(out)
@@ -78,8 +109,15 @@ def test_viz_writes_a_png_of_the_expected_size(tmp_path, capsys):
     out = tmp_path / "viz"
     picture = tmp_path / "in.png"
     Image.new("RGB", (70, 50), (200, 30, 30)).save(picture)
-    argv = ["viz", "plans=[demo,random_50]", *TINY, f"viz.images=[{picture}]", "viz.panel_size=80", "viz.header=30",
-            f"out_dir={out}"]
+    argv = [
+        "viz",
+        "plans=[demo,random_50]",
+        *TINY,
+        f"viz.images=[{picture}]",
+        "viz.panel_size=80",
+        "viz.header=30",
+        f"out_dir={out}",
+    ]
     assert main(argv) == 0
     capsys.readouterr()
     with Image.open(out / "kept_tokens.png") as im:
@@ -116,3 +154,43 @@ def test_errors_name_the_key(argv, expected, tmp_path, capsys):
     err = capsys.readouterr().err
     for text in expected:
         assert text in err, (text, err)
+
+
+def test_demo_runs_any_model_conf_with_a_processor(capsys):
+    """The demo loads its model through the model conf (tiny LLaVA by default), so another
+    architecture's tiny conf works too, with the image placeholder of that architecture."""
+    argv = ["demo", "model=tiny_qwen2_5_vl", "model.text_layers=4", "demo.repeats=1", "demo.max_new_tokens=2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "<|image_pad|>" in out and "with plan demo" in out and "random weights" in out
+    rows = [line.split() for line in out.splitlines() if line[:1].isdigit()]
+    assert len(rows) == 4 and int(rows[0][1]) > int(rows[-1][1])
+    assert main(["demo", "model=llava_1_5_7b", "model.kind=config", "model.text_layers=2"]) == 1
+    assert "demo needs a model with a processor" in capsys.readouterr().err
+
+
+def test_prompt_templates_come_from_the_spec_unless_overridden(tmp_path):
+    """Without ``model.prompt`` the template is ``prompts.<model_type>`` when the config has one,
+    else the architecture's ``default_prompt()``."""
+    from tokenreduce.cli.config import setup
+
+    default = "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:"
+    ctx = setup("run", [*TINY, f"out_dir={tmp_path}"])
+    loaded = ctx.load()
+    assert ctx.template(loaded) == default
+    ctx = setup("run", [*TINY, "+prompts.llava='Q: <image> {question} A:'", f"out_dir={tmp_path}"])
+    assert ctx.template(loaded) == "Q: <image> {question} A:"
+
+
+def test_python_dash_m_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenreduce.cli", "plans", "--depth", "4", "--visual", "16", "keep_all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "keep_all" in done.stdout and "16.000" in done.stdout

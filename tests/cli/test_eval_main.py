@@ -41,7 +41,10 @@ def test_eval_without_a_plan_runs_the_suite_on_the_reference_model(tmp_path, cap
 
 def test_eval_with_a_plan_or_plans_does_not_run_the_suite(tmp_path, capsys):
     assert main(["eval", *FEW, "plan=ref_pio_11", f"out_dir={tmp_path / 'a'}"]) == 0
-    assert [m["name"] for m in json.loads((tmp_path / "a" / "results.json").read_text())["metrics"]] == ["vanilla", "ref_pio_11"]
+    assert [m["name"] for m in json.loads((tmp_path / "a" / "results.json").read_text())["metrics"]] == [
+        "vanilla",
+        "ref_pio_11",
+    ]
     assert main(["eval", *FEW, "plans=[ref_fastv_22,ref_dart_11]", f"out_dir={tmp_path / 'b'}"]) == 0
     names = [m["name"] for m in json.loads((tmp_path / "b" / "results.json").read_text())["metrics"]]
     assert names == ["vanilla", "ref_fastv_22", "ref_dart_11"]
@@ -49,8 +52,14 @@ def test_eval_with_a_plan_or_plans_does_not_run_the_suite(tmp_path, capsys):
 
 def test_a_suite_skips_plans_the_model_cannot_run_with_a_note(tmp_path, capsys):
     out = tmp_path / "qwen"
-    argv = ["eval", "model=tiny_qwen2_5_vl", "model.text_layers=4", *FEW, "suite.plans=[ref_visionzip_33,ref_uniform_33]",
-            f"out_dir={out}"]
+    argv = [
+        "eval",
+        "model=tiny_qwen2_5_vl",
+        "model.text_layers=4",
+        *FEW,
+        "suite.plans=[ref_visionzip_33,ref_uniform_33]",
+        f"out_dir={out}",
+    ]
     assert main(argv) == 0
     results = json.loads((out / "results.json").read_text())
     assert [m["name"] for m in results["metrics"]] == ["vanilla", "ref_uniform_33"]

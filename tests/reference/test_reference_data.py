@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tokenreduce.reference import data
-from tokenreduce.reference.build import ArchSettings, make_processor, num_visual_tokens
-from tokenreduce.reference.train import _Encoded
+from tools.reference.build import ArchSettings, make_processor, num_visual_tokens
+from tools.reference.train import _Encoded
 
 
 def test_split_counts_match_the_documented_ones():
@@ -39,7 +39,9 @@ def test_every_question_tokenizes_without_unk_and_every_answer_is_one_token():
 
 def test_tokenizer_prepends_bos_pads_left_and_round_trips(tmp_path):
     tok = data.make_tokenizer()
-    enc = tok([data.prompt("what color is the shape?"), data.prompt("is there a red shape in the image?")], padding=True)
+    enc = tok(
+        [data.prompt("what color is the shape?"), data.prompt("is there a red shape in the image?")], padding=True
+    )
     assert tok.padding_side == "left"
     assert enc["input_ids"][0][0] == tok.pad_token_id and enc["input_ids"][1][0] == data.BOS_TOKEN_ID
     assert enc["input_ids"][0][enc["attention_mask"][0].index(1)] == data.BOS_TOKEN_ID
@@ -51,6 +53,22 @@ def test_tokenizer_prepends_bos_pads_left_and_round_trips(tmp_path):
     text = data.prompt("what shape does the image contain?") + data.target("circle")
     assert again(text)["input_ids"] == tok(text)["input_ids"]
     assert again.padding_side == "left"
+
+
+def test_prompt_takes_the_image_placeholder_from_the_architecture_spec():
+    from tokenreduce.core.errors import UnsupportedModelError
+    from tokenreduce.core.registry import get_registry
+
+    assert data.prompt("what?") == "USER: <image> what? ASSISTANT:"
+    for spec in get_registry().specs():
+        assert data.prompt("what?", spec.model_type) == f"USER: {spec.prompt_images(1)} what? ASSISTANT:"
+    assert data.prompt("what?", "qwen2_5_vl") == "USER: <|vision_start|><|image_pad|><|vision_end|> what? ASSISTANT:"
+    with pytest.raises(UnsupportedModelError, match="no_such_arch"):
+        data.prompt("what?", "no_such_arch")
+    with pytest.deprecated_call():
+        placeholders = data.IMAGE_PLACEHOLDER  # the former table, now read off the registry
+    assert placeholders["llava"] == "<image>"
+    assert placeholders["qwen2_5_vl"] == "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def test_train_val_split_holds_out_whole_images_and_fixed_subset_is_stable():
@@ -77,8 +95,10 @@ def test_fixed_subset_is_the_eval_tasks_subset():
 def test_pretokenized_training_ids_equal_the_processor_output(arch):
     """Training encodes prompts itself (image placeholder expanded once); it must match what the
     processor feeds the model at evaluation time."""
-    settings = ArchSettings(arch=arch, image_size=96, patch=8) if arch == "llava" else ArchSettings(
-        arch=arch, image_size=64, patch=8, text_hidden=64, text_heads=4, text_kv_heads=2
+    settings = (
+        ArchSettings(arch=arch, image_size=96, patch=8)
+        if arch == "llava"
+        else ArchSettings(arch=arch, image_size=64, patch=8, text_hidden=64, text_heads=4, text_kv_heads=2)
     )
     processor = make_processor(settings)
     split = data.load_split("test")
@@ -99,10 +119,12 @@ def test_pretokenized_training_ids_equal_the_processor_output(arch):
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
 def test_processor_round_trips_with_from_pretrained(arch, tmp_path):
-    from tokenreduce.reference.build import ImageOnlyQwen2_5_VLProcessor
+    from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
 
-    settings = ArchSettings(arch=arch) if arch == "llava" else ArchSettings(
-        arch=arch, image_size=64, patch=8, text_hidden=64, text_heads=4, text_kv_heads=2
+    settings = (
+        ArchSettings(arch=arch)
+        if arch == "llava"
+        else ArchSettings(arch=arch, image_size=64, patch=8, text_hidden=64, text_heads=4, text_kv_heads=2)
     )
     processor = make_processor(settings)
     processor.save_pretrained(tmp_path)

@@ -1,5 +1,6 @@
-"""The reference-model training script on a tiny configuration: the loss goes down, runs are
-reproducible, resumption continues exactly, settings are validated."""
+"""The reference-model training script (``tools/reference/train.py``, outside the package) on a
+tiny configuration: the loss goes down, runs are reproducible, resumption continues exactly,
+settings are validated."""
 
 import json
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tokenreduce.reference.build import ArchSettings
-from tokenreduce.reference.train import TINY_ARCH, TINY_TRAIN, TrainSettings, learning_rate, main, train
+from tools.reference.build import ArchSettings
+from tools.reference.train import TINY_ARCH, TINY_TRAIN, TrainSettings, learning_rate, main, train
 
 
 def _settings(**kw):
@@ -22,8 +23,14 @@ def test_tiny_training_loss_goes_down_and_exports_a_loadable_model(tmp_path):
     assert len(losses) == 30
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
     model_dir = tmp_path / "model"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "processor_config.json", "README.md",
-                 "metrics.json"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "processor_config.json",
+        "README.md",
+        "metrics.json",
+    ):
         assert (model_dir / name).is_file(), name
     saved = json.loads((model_dir / "metrics.json").read_text())
     assert saved["best_step"] in (15, 30) and "test_accuracy" not in saved  # test_questions=0 in TINY_TRAIN
@@ -90,7 +97,7 @@ def test_command_line_runs_the_tiny_configuration(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["best_step"] in (2, 4)
     card = (tmp_path / "model" / "README.md").read_text()
-    assert "python -m tokenreduce.reference.train --tiny --steps 4" in card
+    assert "python -m tools.reference.train --tiny --steps 4" in card
 
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_5_vl"])
@@ -98,8 +105,8 @@ def test_shared_prefix_forward_equals_the_full_sequence_forward(arch):
     """Training runs the image prefix once per image and the questions on its KV cache; that must
     give the logits of the plain full-sequence forward (LLaVA 1-D positions, Qwen M-RoPE)."""
     from tokenreduce.reference import data
-    from tokenreduce.reference.build import build_model, make_processor, num_visual_tokens
-    from tokenreduce.reference.train import _Encoded, _ImageCache, _Unit, forward_units
+    from tools.reference.build import build_model, make_processor, num_visual_tokens
+    from tools.reference.train import _Encoded, _ImageCache, _Unit, forward_units
 
     kw = dict(TINY_ARCH)
     if arch == "qwen2_5_vl":
@@ -126,10 +133,14 @@ def test_shared_prefix_forward_equals_the_full_sequence_forward(arch):
 
 
 def test_yes_no_weights_balance_answers_within_plain_and_negated_questions():
-    from tokenreduce.reference.train import _yes_no_weights
+    from tools.reference.train import _yes_no_weights
 
-    questions = ["is there a red shape?"] * 7 + ["is there a blue shape?", "is there not a circle?",
-                                                 "is there not a circle?", "what color is the shape?"]
+    questions = ["is there a red shape?"] * 7 + [
+        "is there a blue shape?",
+        "is there not a circle?",
+        "is there not a circle?",
+        "what color is the shape?",
+    ]
     answers = ["no"] * 7 + ["yes", "yes", "no", "red"]
     w = _yes_no_weights(questions, answers)
     assert w.mean().item() == pytest.approx(1.0)
@@ -137,3 +148,45 @@ def test_yes_no_weights_balance_answers_within_plain_and_negated_questions():
     assert w[8].item() == pytest.approx(w[9].item())  # negated: already balanced
     assert w[10].item() == pytest.approx(w[8].item())  # other questions and balanced groups weigh 1 (before scaling)
     assert (w[7] / w[10]).item() == pytest.approx(4.0)  # 8 plain questions / (2 * 1 "yes")
+
+
+def test_training_runs_from_the_checkout_and_the_old_module_forwards_with_a_warning(tmp_path):
+    """``python tools/reference/train.py`` works from any folder; ``python -m tokenreduce.reference.train``
+    (the command the shipped model cards record) forwards there with a deprecation warning."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    as_file = subprocess.run(
+        [sys.executable, str(root / "tools" / "reference" / "train.py"), "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert as_file.returncode == 0, as_file.stderr
+    assert "--vision-pretrain-steps" in as_file.stdout and "python -m tools.reference.train" in as_file.stdout
+    old = subprocess.run(
+        [sys.executable, "-m", "tokenreduce.reference.train", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert old.returncode == 0, old.stderr
+    assert "--vision-pretrain-steps" in old.stdout and "DeprecationWarning" in old.stderr
+
+
+def test_the_old_build_module_keeps_the_processor_and_points_to_tools():
+    import importlib
+    import sys
+
+    from tokenreduce.adapters.qwen2_5_vl.processor import ImageOnlyQwen2_5_VLProcessor
+
+    sys.modules.pop("tokenreduce.reference.build", None)
+    with pytest.deprecated_call():
+        old = importlib.import_module("tokenreduce.reference.build")
+    assert old.ImageOnlyQwen2_5_VLProcessor is ImageOnlyQwen2_5_VLProcessor
+    with pytest.raises(AttributeError, match="tools/reference/build.py"):
+        old.ArchSettings  # noqa: B018

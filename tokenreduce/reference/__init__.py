@@ -1,25 +1,11 @@
 """Reference VLMs trained by the project on easy-VQA and shipped inside the package.
 
-Model weights cannot be downloaded in the project's environments, and random-weight models say
-nothing about which visual tokens matter. So the project trains small VLMs from scratch on the
-easy-VQA data set (the ``easy-vqa`` package: 64x64 images of one coloured shape, template
-questions, 13 one-word answers) and ships them as ordinary Hugging Face folders under
-``tokenreduce/reference/models/<name>/``:
-
-- ``easyvqa-llava``: ``LlavaForConditionalGeneration`` (CLIP tower with CLS, ``vision_feature_layer=-2``,
-  Llama decoder), 144 visual tokens per image;
-- ``easyvqa-qwen2_5_vl``: ``Qwen2_5_VLForConditionalGeneration`` (windowed Qwen2.5-VL ViT, no CLS
-  token, 4 px patches merged 2x2; Qwen2 decoder with 3-D M-RoPE), 144 visual tokens per image.
-
-Each folder holds ``config.json``, ``model.safetensors``, the tokenizer and processor files and a
-``README.md`` model card (training command, wall time, data split, accuracy). Load one with::
-
-    from tokenreduce.reference import load_reference
-    model, processor = load_reference("easyvqa-llava")
-
-or with plain ``LlavaForConditionalGeneration.from_pretrained(reference_dir("easyvqa-llava"))``.
-Training: ``python -m tokenreduce.reference.train --arch llava --out DIR`` (see
-:mod:`tokenreduce.reference.train`).
+Small LLaVA and Qwen2.5-VL models trained from scratch on easy-VQA (no weights to download, and
+visual tokens that matter), shipped as ordinary Hugging Face folders under
+``tokenreduce/reference/models/<name>/`` with a model card each. Load one with
+``load_reference("easyvqa-llava")``; :mod:`tokenreduce.reference.data` reads easy-VQA and
+:mod:`tokenreduce.reference.evaluate` scores greedy answers. The training code lives outside the
+package, in the repository's ``tools/reference/`` (see its ``TRAINING.md``).
 """
 
 from __future__ import annotations
@@ -61,31 +47,22 @@ def reference_dir(name: str = "easyvqa-llava") -> Path:
 def load_folder(path: str | Path, attn_implementation: str = "sdpa"):
     """Load a reference-model folder (packaged or freshly trained): ``(model, processor)``.
 
-    The model comes back in eval mode, fp32, on CPU. LLaVA folders load with the stock
-    ``LlavaForConditionalGeneration`` / ``AutoProcessor``; Qwen2.5-VL folders with
-    ``Qwen2_5_VLForConditionalGeneration`` and the image-only processor
-    :class:`tokenreduce.reference.build.ImageOnlyQwen2_5_VLProcessor` (the stock processor also
-    builds a video processor, which needs torchvision).
+    The model comes back in eval mode, fp32, on CPU; model class and processor come from the
+    architecture registered for the folder's ``model_type`` (:meth:`ArchSpec.model_class`,
+    :meth:`ArchSpec.load_processor`); the processor pads on the left.
+
+    Raises:
+        UnsupportedModelError: no architecture is registered for the folder's ``model_type``.
     """
     import torch
-    from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+
+    from tokenreduce.core.registry import get_registry
 
     path = Path(path)
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
-    if model_type == "llava":
-        model = LlavaForConditionalGeneration.from_pretrained(
-            path, attn_implementation=attn_implementation, dtype=torch.float32
-        )
-        processor = AutoProcessor.from_pretrained(path)
-    elif model_type == "qwen2_5_vl":
-        from tokenreduce.reference.build import ImageOnlyQwen2_5_VLProcessor
-
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            path, attn_implementation=attn_implementation, dtype=torch.float32
-        )
-        processor = ImageOnlyQwen2_5_VLProcessor.from_pretrained(path)
-    else:
-        raise ValueError(f"{path}: model_type {model_type!r} is not a reference architecture (llava, qwen2_5_vl)")
+    spec = get_registry().spec_for(model_type, what=f"loading the reference model in {path}")
+    model = spec.model_class().from_pretrained(path, attn_implementation=attn_implementation, dtype=torch.float32)
+    processor = spec.load_processor(path)
     processor.tokenizer.padding_side = "left"
     return model.eval(), processor
 

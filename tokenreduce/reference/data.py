@@ -1,20 +1,10 @@
 """easy-VQA data for the reference models: splits, prompts, the word-level tokenizer, cached images.
 
-easy-VQA (Victor Zhou, https://github.com/vzhou842/easy-VQA, installed as the ``easy-vqa`` package) is a
-synthetic VQA data set: 64x64 RGB images, each with one coloured shape (circle, rectangle or
-triangle) on a light background, and template questions about its shape and colour. The
-package ships
-
-- ``train``: 4,000 images, 38,575 questions;
-- ``test``: 1,000 images, 9,673 questions;
-- 13 single-word answers (3 shapes, 8 colours, ``yes``, ``no``).
-
-The reference models never select on the test split: :func:`train_val_split` holds out the
-questions of a fixed set of *training images* for model selection.
-
-Prompts follow the LLaVA-1.5 convention ``"USER: <image> {question} ASSISTANT:"`` and the
-target is ``" {answer}</s>"``: the answer word followed by the end-of-sequence token, so that a
-plain greedy ``generate()`` answers and stops.
+easy-VQA (Victor Zhou, https://github.com/vzhou842/easy-VQA, the ``easy-vqa`` package): 64x64
+images of one coloured shape, template questions, 13 one-word answers; ``train`` has 4,000
+images and 38,575 questions, ``test`` 1,000 images and 9,673 questions. Model selection never
+uses the test split (:func:`train_val_split`). Prompts read ``"USER: <image> {question} ASSISTANT:"``
+and the target is ``" {answer}</s>"``. See docs/index.md for a worked example.
 """
 
 from __future__ import annotations
@@ -42,7 +32,7 @@ __all__ = [
     "VISION_END_TOKEN_ID",
     "IMAGE_PAD_TOKEN_ID",
     "VIDEO_PAD_TOKEN_ID",
-    "IMAGE_PLACEHOLDER",
+    "DEFAULT_IMAGE_PLACEHOLDER",
     "EasyVQASplit",
     "load_split",
     "answers",
@@ -61,8 +51,7 @@ __all__ = [
 SPLITS = ("train", "test")
 
 # The project's local tokenizers share one special-token layout (ids 0-8): the tiny test models'
-# tokenizer defines it; the reference tokenizer uses the same ids.  LLaVA marks the image with
-# ``<image>``; Qwen2.5-VL with ``<|vision_start|><|image_pad|><|vision_end|>``.
+# tokenizer defines it; the reference tokenizer uses the same ids.
 from tokenreduce.testing.tiny import (  # noqa: E402
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -75,11 +64,25 @@ from tokenreduce.testing.tiny import (  # noqa: E402
     VISION_START_TOKEN_ID,
 )
 
-#: The image placeholder of a prompt, per architecture (the processor expands it to the visual tokens).
-IMAGE_PLACEHOLDER = {
-    "llava": "<image>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-}
+#: The image placeholder of :func:`prompt` when no architecture is named (LLaVA's).
+DEFAULT_IMAGE_PLACEHOLDER = "<image>"
+
+
+def __getattr__(name: str):
+    if name == "IMAGE_PLACEHOLDER":  # deprecated: ask the architecture's spec (image_placeholder)
+        import warnings
+
+        from tokenreduce.core.registry import get_registry
+
+        warnings.warn(
+            "tokenreduce.reference.data.IMAGE_PLACEHOLDER is deprecated: use "
+            "get_registry().spec_for(model_type).prompt_images(1)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {spec.model_type: spec.prompt_images(1) for spec in get_registry().specs()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _PROMPT_WORDS = ("USER", ":", "ASSISTANT")
 
@@ -207,7 +210,9 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
     words = vocabulary()
-    trainer = trainers.WordLevelTrainer(vocab_size=len(SPECIAL_TOKENS) + len(words), special_tokens=list(SPECIAL_TOKENS))
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=len(SPECIAL_TOKENS) + len(words), special_tokens=list(SPECIAL_TOKENS)
+    )
     tok.train_from_iterator([" ".join(words)], trainer)
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", BOS_TOKEN_ID)]
@@ -228,13 +233,19 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return hf_tok
 
 
-def prompt(question: str, arch: str = "llava") -> str:
-    """The prompt for ``question``: ``"USER: <image> {question} ASSISTANT:"`` (LLaVA) or the same with
-    ``<|vision_start|><|image_pad|><|vision_end|>`` as the image placeholder (Qwen2.5-VL)."""
-    try:
-        placeholder = IMAGE_PLACEHOLDER[arch]
-    except KeyError:
-        raise ValueError(f"unknown reference architecture {arch!r}; expected one of {tuple(IMAGE_PLACEHOLDER)}") from None
+def prompt(question: str, arch: str | None = None) -> str:
+    """The prompt for ``question``: ``"USER: <image> {question} ASSISTANT:"``, with the image
+    placeholder of architecture ``arch`` (a registered ``model_type``, e.g. the model's
+    ``config.model_type``) when given.
+
+    Raises:
+        UnsupportedModelError: ``arch`` is not a registered architecture.
+    """
+    placeholder = DEFAULT_IMAGE_PLACEHOLDER
+    if arch is not None:
+        from tokenreduce.core.registry import get_registry
+
+        placeholder = get_registry().spec_for(arch, what="an easy-VQA prompt").prompt_images(1)
     return f"USER: {placeholder} {question} ASSISTANT:"
 
 
@@ -277,7 +288,9 @@ def fixed_test_subset(n: int = 200, seed: int = 0) -> list[int]:
     return order[:n]
 
 
-def image_tags(split: Literal["train", "test"], question_index: Sequence[int] | None = None) -> dict[int, tuple[str | None, str | None]]:
+def image_tags(
+    split: Literal["train", "test"], question_index: Sequence[int] | None = None
+) -> dict[int, tuple[str | None, str | None]]:
     """The shape and colour of each image, read off its questions and answers.
 
     easy-VQA questions follow 24 templates. ``"what color is the triangle?" -> "blue"`` tells both;

@@ -1,9 +1,5 @@
-"""Accuracy of a VLM on easy-VQA by greedy ``generate()``: exact match of the answer word.
-
-The prompts go through the model's own processor (left padding), the model answers with
-``generate(max_new_tokens=3, do_sample=False)``, and a prediction counts as correct when the decoded
-new tokens (special tokens skipped, lower-cased, stripped) equal the answer word. This is the
-accuracy reported on the reference models' cards and checked by CI.
+"""Accuracy of a VLM on easy-VQA by greedy ``generate()``: exact match of the answer word (the
+accuracy on the reference models' cards, checked by CI).
 """
 
 from __future__ import annotations
@@ -45,13 +41,15 @@ class EvalResult:
 
 
 def arch_of(model: PreTrainedModel) -> str:
-    """The reference architecture name of ``model`` (``"llava"`` or ``"qwen2_5_vl"``), from its
-    ``config.model_type``."""
+    """The architecture of ``model`` (its ``config.model_type``), checked to be registered.
+
+    Raises:
+        UnsupportedModelError: no architecture is registered for that model type.
+    """
+    from tokenreduce.core.registry import get_registry
+
     model_type = model.config.model_type
-    if model_type not in data.IMAGE_PLACEHOLDER:
-        raise ValueError(
-            f"easy-VQA evaluation supports model_type in {tuple(data.IMAGE_PLACEHOLDER)}, got {model_type!r}"
-        )
+    get_registry().spec_for(model_type, what="easy-VQA evaluation")
     return model_type
 
 
@@ -68,7 +66,7 @@ def evaluate_generate(
     """Greedy-decode answers to easy-VQA questions and score them by exact match.
 
     Args:
-        model: a LLaVA or Qwen2.5-VL model (any size; put it in eval mode first).
+        model: a model of a registered architecture (any size; put it in eval mode first).
         processor: its processor (left padding is forced for the call).
         split: ``"train"`` or ``"test"``.
         indices: question indices into the split (default: all of them).

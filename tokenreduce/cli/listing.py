@@ -1,0 +1,60 @@
+"""``tokenreduce list``: registered components and the presets of every config group (docs/cli.md)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from tokenreduce.cli.output import jsonable
+from tokenreduce.core.errors import TokenReduceError
+from tokenreduce.measure.latency import format_table
+
+__all__ = ["cmd_list"]
+
+
+def cmd_list(argv: Sequence[str]) -> int:
+    from tokenreduce.core.presets import conf_dir, preset_names
+    from tokenreduce.core.registry import list_components
+
+    folder = None
+    for arg in argv:
+        if arg.startswith("out_dir="):
+            folder = Path(arg.split("=", 1)[1]).expanduser()
+        else:
+            raise TokenReduceError(f"list takes no overrides except out_dir=DIR; got {arg!r}")
+    components = list(list_components())
+    rows = [[c["kind"], c["name"], c["origin"], c["summary"]] for c in components]
+    print(format_table(rows, ["kind", "name", "origin", "summary"]))
+    groups = sorted(p.name for p in conf_dir().iterdir() if p.is_dir() and not p.name.startswith("_"))
+    presets: dict[str, list[dict[str, str]]] = {}
+    for group in groups:
+        entries = []
+        for name in preset_names(group):
+            entries.append({"name": name, "about": _preset_summary(conf_dir() / group / f"{name}.yaml")})
+        presets[group] = entries
+    for group, entries in presets.items():
+        print(f"\n{group} presets (conf/{group}, use {group}=<name>):")
+        print(format_table([[e["name"], e["about"]] for e in entries], ["name", "about"]))
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        data = {"components": components, "presets": presets}
+        (folder / "results.json").write_text(json.dumps(jsonable(data), indent=1) + "\n")
+        print(f"wrote {folder / 'results.json'}")
+    return 0
+
+
+def _preset_summary(path: Path) -> str:
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return "(unreadable)"
+    if not isinstance(data, dict):
+        return ""
+    for key in ("description",):
+        if data.get(key):
+            return str(data[key])
+    bits = [f"{k}: {data[k]}" for k in ("kind", "arch", "name", "text_layers") if data.get(k) is not None]
+    return ", ".join(bits)

@@ -1,0 +1,37 @@
+"""``tokenreduce plans``: each plan preset's keep counts and layer average (docs/cli.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tokenreduce.core.errors import TokenReduceError
+from tokenreduce.measure.latency import format_table
+
+__all__ = ["cmd_plans"]
+
+
+def cmd_plans(argv: Sequence[str]) -> int:
+    import argparse
+
+    from tokenreduce.core.presets import load_preset, preset_names
+
+    parser = argparse.ArgumentParser(prog="tokenreduce plans", description="keep counts and layer averages of presets")
+    parser.add_argument("names", nargs="*", help="presets (default: all)")
+    parser.add_argument("--depth", type=int, default=32, help="decoder layers (LLaVA-1.5-7B: 32)")
+    parser.add_argument("--visual", type=int, default=576, help="visual tokens entering the LLM (LLaVA-1.5: 576)")
+    args = parser.parse_args(argv)
+    rows = []
+    for name in args.names or preset_names("plan"):
+        plan = load_preset(name)
+        layers = [s.layer for s in plan.stages]
+        try:
+            counts = plan.keep_counts(args.visual, args.depth)
+            avg = f"{plan.layer_average_for(args.visual, args.depth):.3f}"
+        except TokenReduceError as exc:
+            counts, avg = "-", f"error: {exc}"
+        rows.append(
+            [name, str(layers), str(counts), avg, f"{float(avg) / args.visual:.1%}" if avg[0].isdigit() else ""]
+        )
+    print(f"depth {args.depth}, {args.visual} visual tokens (layer average = mean visual tokens per decoder layer)")
+    print(format_table(rows, ["preset", "layers", "keep", "layer avg", "of visual"]))
+    return 0
