@@ -46,9 +46,15 @@ def make_view(vis: torch.Tensor, ns: list[int], prefix: int = 35, suffix: int = 
         visual_index[b, :n] = torch.arange(prefix, prefix + n)
         visual_valid[b, :n] = True
     return TokenView(
-        layer=2, stage=0, hidden=hidden, valid=valid, visual_index=visual_index,
-        visual_valid=visual_valid, original_index=torch.where(visual_valid, visual_index, -1),
-        n_original_visual=torch.tensor(ns), signals=_NoSignals(),
+        layer=2,
+        stage=0,
+        hidden=hidden,
+        valid=valid,
+        visual_index=visual_index,
+        visual_valid=visual_valid,
+        original_index=torch.where(visual_valid, visual_index, -1),
+        n_original_visual=torch.tensor(ns),
+        signals=_NoSignals(),
     )
 
 
@@ -151,11 +157,15 @@ def main() -> int:
         ("N=576 k=192 near-dup (fill-up)", 1, 576, 192, "near-dup"),
         ("B=4 ragged N<=576 k=64..192 clustered-200", 4, 576, None, "clustered-200"),
     ]
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"hidden {args.dtype}, d={d}, tau={TAU}, {args.repeats} repeats after warm-up; "
-          "ms; speed-up = ratio of medians")
-    head = (f"{'case':42s} {'nms med':>8s} {'nms min':>8s} {'full med':>8s} {'full min':>8s} {'speed-up':>8s}"
-            "  examined/accepted")
+    print(
+        f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
+        f"hidden {args.dtype}, d={d}, tau={TAU}, {args.repeats} repeats after warm-up; "
+        "ms; speed-up = ratio of medians"
+    )
+    head = (
+        f"{'case':42s} {'nms med':>8s} {'nms min':>8s} {'full med':>8s} {'full min':>8s} {'speed-up':>8s}"
+        "  examined/accepted"
+    )
     print(head)
     print("-" * len(head))
     selector = NMSSelector(NMSSelector.Settings(threshold=TAU))
@@ -181,18 +191,22 @@ def main() -> int:
                 status = "  MISMATCH"
                 failed = True
 
-        def fresh_select():  # no cached visual_hidden: the selector gathers its own rows
+        def fresh_select(view=view, scores=scores, keep=keep):  # no cached visual_hidden: gathers its own rows
             view.cache.clear()
             return selector.select(view, scores, keep)
 
         t_nms, t_nms_min = timings(fresh_select, args.repeats, sync=sync)
         t_full, t_full_min = timings(
-            lambda: full_matrix_nms(view, scores, keep), max(3, args.repeats // 2), sync=sync
+            lambda view=view, scores=scores, keep=keep: full_matrix_nms(view, scores, keep),
+            max(3, args.repeats // 2),
+            sync=sync,
         )
         ea = ", ".join(f"{e}/{a}" for e, a in stats)
-        print(f"{name:42s} {t_nms * 1e3:8.2f} {t_nms_min * 1e3:8.2f}"
-              f" {t_full * 1e3:8.1f} {t_full_min * 1e3:8.1f}"
-              f" {t_full / t_nms:7.1f}x  {ea}{status}")
+        print(
+            f"{name:42s} {t_nms * 1e3:8.2f} {t_nms_min * 1e3:8.2f}"
+            f" {t_full * 1e3:8.1f} {t_full_min * 1e3:8.1f}"
+            f" {t_full / t_nms:7.1f}x  {ea}{status}"
+        )
     if failed:
         print("correctness mismatch against the full-matrix implementation", file=sys.stderr)
         return 1

@@ -2,8 +2,8 @@
 
 Prints (markdown):
 
-1. the vanilla anchors of PIO-FVLM's efficiency table (arXiv 2602.04657; ``pio-spec.md`` §11,
-   §13.2): LLaVA-1.5-7B in the paper's convention for 576 visual tokens, true FLOPs of the
+1. the vanilla anchors of PIO-FVLM's efficiency table (arXiv 2602.04657; docs/pio-fvlm.md,
+   "Efficiency accounting" and "Reported results"): LLaVA-1.5-7B in the paper's convention for 576 visual tokens, true FLOPs of the
    636-token LLM prefill, LLaVA-NeXT-7B in the paper's convention for 2880 visual tokens, the
    fp16 KV cache of 636 tokens;
 2. a cross-check of the true FLOPs against ``torch.utils.flop_counter.FlopCounterMode`` on the
@@ -39,7 +39,7 @@ def vanilla_anchors() -> list[str]:
         "| figure | ours | paper |",
         "|---|---|---|",
         f"| LLaVA-1.5-7B, paper convention, 576 visual tokens (TFLOPs) | {llava.flops_paper / T:.3f} | 2.98 |",
-        f"| LLaVA-1.5-7B, true FLOPs, 636-token LLM prefill, 32 layers (TFLOPs) | {llava.llm_flops_true / T:.3f} | 8.45 (design.md §6) |",
+        f"| LLaVA-1.5-7B, true FLOPs, 636-token LLM prefill, 32 layers (TFLOPs) | {llava.llm_flops_true / T:.3f} | - (8.45 with `FlopCounterMode`, below) |",
         f"| LLaVA-1.5-7B, true FLOPs, whole prefill: + LM head (1 position) + CLIP + projector (TFLOPs) | {llava.flops_true / T:.3f} | - |",
         f"| LLaVA-NeXT-7B, paper convention, 2880 visual tokens (TFLOPs) | {nxt.flops_paper / T:.3f} | 16.67 |",
         f"| LLaVA-1.5-7B KV cache, 636 tokens, fp16, 32 layers (MiB) | {llava.kv_mib:.1f} | 318 |",
@@ -105,7 +105,12 @@ def main() -> None:
     args = parser.parse_args()
     out = ["## Vanilla anchors (PIO-FVLM README, POPE)", "", *vanilla_anchors(), ""]
     if not args.no_check:
-        out += ["## Cross-check: FlopCounterMode on the meta device (vanilla prefill)", "", *cross_check(args.models), ""]
+        out += [
+            "## Cross-check: FlopCounterMode on the meta device (vanilla prefill)",
+            "",
+            *cross_check(args.models),
+            "",
+        ]
     out += ["## Presets", ""]
     for name in args.models:
         out += [*preset_table(name, args.presets), ""]

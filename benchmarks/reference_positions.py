@@ -37,8 +37,14 @@ def main() -> None:
         plan = load_preset(name)
         plans[f"{name}"] = plan.model_copy(update={"positions": "keep"})
         plans[f"{name}@renumber"] = plan.model_copy(update={"positions": "renumber"})
-    result = evaluate(loaded, examples, plans, EvalSettings(batch_size=32, progress=True),
-                      template=cfg["model"]["prompt"], task_info={"n": args.n})
+    result = evaluate(
+        loaded,
+        examples,
+        plans,
+        EvalSettings(batch_size=32, progress=True),
+        template=cfg["model"]["prompt"],
+        task_info={"n": args.n},
+    )
     acc = {m["name"]: m["accuracy"] for m in result.metrics}
     rows = [["vanilla", f"{acc['vanilla']:.3f}", "", ""]]
     for name in cfg["suite"]["plans"]:

@@ -111,15 +111,19 @@ def _schedule(label: int) -> tuple[list[int], list[int], int]:
 
 
 def _budget_line(label: int) -> str:
-    return (f"Budget: layer average {BUDGETS[label]} of {N_VISUAL} visual tokens ({BUDGETS[label] / N_VISUAL:.1%} "
-            f"of them), i.e. {BUDGETS[label] * N_LAYERS} visual tokens summed over the {N_LAYERS} layers.")
+    return (
+        f"Budget: layer average {BUDGETS[label]} of {N_VISUAL} visual tokens ({BUDGETS[label] / N_VISUAL:.1%} "
+        f"of them), i.e. {BUDGETS[label] * N_LAYERS} visual tokens summed over the {N_LAYERS} layers."
+    )
 
 
 def _where(label: int) -> str:
     if label == 33:
         return "First cut after layer 1 (layer 0 sees all 144 = 36 of the 48)."
-    return ("First cut before layer 0: layer 0 with all 144 tokens would alone cost 36 > "
-            f"{BUDGETS[label]}; layer-0 signals come from layer 0's projections on its input (layer_offset 0).")
+    return (
+        "First cut before layer 0: layer 0 with all 144 tokens would alone cost 36 > "
+        f"{BUDGETS[label]}; layer-0 signals come from layer 0's projections on its input (layer_offset 0)."
+    )
 
 
 def pio(label: int) -> Preset:
@@ -132,7 +136,7 @@ def pio(label: int) -> Preset:
         f"(cuts before layers {'/'.join(map(str, layers))} keep {'/'.join(map(str, keeps))}; pio + nms)",
         [
             "PIO-FVLM (arXiv 2602.04657) without encoder-side reduction, three stages as the official",
-            "LLaVA-1.5 schedule [1,10,15] / [92,54,22] (pio-spec §3.2), rescaled to 4 layers: the keeps",
+            "LLaVA-1.5 schedule [1,10,15] / [92,54,22] (docs/pio-fvlm.md#schedules-llava-15), rescaled to 4 layers: the keeps",
             f"are in the official ratio 92:54:22 and spend the budget exactly.  {_budget_line(label)}",
             _where(label),
             _avg_line(stages),
@@ -140,9 +144,16 @@ def pio(label: int) -> Preset:
             "then feature-space NMS (tau 0.8).",
         ],
         "renumber",
-        [line for layer, k in stages for line in (
-            f"  - layer: {layer}", f"    keep: {k}",
-            "    scorer: {name: pio, loss_positions: 4, layer_offset: 0}", "    selector: nms")],
+        [
+            line
+            for layer, k in stages
+            for line in (
+                f"  - layer: {layer}",
+                f"    keep: {k}",
+                "    scorer: {name: pio, loss_positions: 4, layer_offset: 0}",
+                "    selector: nms",
+            )
+        ],
     )
 
 
@@ -154,7 +165,7 @@ def pio_ve(label: int) -> Preset:
         f"ref_pio_ve_{label}",
         f"PIO-FVLM w/ VE on the reference models, layer average {target} of 144 (encoder keeps {enc}, layer 2 keeps {llm})",
         [
-            "PIO-FVLM with its encoder-involved mode (pio-spec §3.2, §8): as the official 64 setting",
+            "PIO-FVLM with its encoder-involved mode (docs/pio-fvlm.md#encoder-involved-mode): as the official 64 setting",
             "(encoder keeps 1.5x the target, the LLM stage at half depth keeps a third of that), on 4 layers.",
             _budget_line(label),
             _avg_line(stages),
@@ -164,10 +175,13 @@ def pio_ve(label: int) -> Preset:
         ],
         "renumber",
         [
-            "  - layer: 0", f"    keep: {enc}",
+            "  - layer: 0",
+            f"    keep: {enc}",
             "    selector: {name: pio_ve, local_layer: 1, global_layer: -2, windows: 4, merge: true}",
-            "  - layer: 2", f"    keep: {llm}",
-            "    scorer: {name: pio, loss_positions: 4, layer_offset: 0}", "    selector: nms",
+            "  - layer: 2",
+            f"    keep: {llm}",
+            "    scorer: {name: pio, loss_positions: 4, layer_offset: 0}",
+            "    selector: nms",
         ],
     )
 
@@ -188,10 +202,13 @@ def fastv(label: int) -> Preset:
         [
             "FastV (arXiv 2403.06764): one cut, ranked by the last prompt token's head-averaged attention.",
             _budget_line(label),
-            _where(label) if label != 33 else "K=1 (the paper's K=2 leaves no budget on 4 layers): layer 0 spends 36 of the 48.",
+            _where(label)
+            if label != 33
+            else "K=1 (the paper's K=2 leaves no budget on 4 layers): layer 0 spends 36 of the 48.",
             _avg_line([(layer, keep)]),
-            "" if label == 33 else
-            "K=0 ranks by layer 0's own attention (fastv layer_offset 0, an extension documented in the "
+            ""
+            if label == 33
+            else "K=0 ranks by layer 0's own attention (fastv layer_offset 0, an extension documented in the "
             "scorer); the paper's K-1 attention does not exist there.",
         ],
         "keep",
@@ -208,11 +225,17 @@ def dart(label: int) -> Preset:
         [
             "DART (arXiv 2502.11494): 4 image + 4 text pivots by key L1 norm, then the tokens least similar",
             "to them.  " + _budget_line(label),
-            _where(label) if label != 33 else "K=1 (the paper's K=2 leaves no budget on 4 layers): layer 0 spends 36 of the 48.",
+            _where(label)
+            if label != 33
+            else "K=1 (the paper's K=2 leaves no budget on 4 layers): layer 0 spends 36 of the 48.",
             _avg_line([(layer, keep)]),
         ],
         "keep",
-        [f"  - layer: {layer}", f"    keep: {keep}", f"    selector: {{name: dart, pivot_image: 4, pivot_text: 4{extra}}}"],
+        [
+            f"  - layer: {layer}",
+            f"    keep: {keep}",
+            f"    selector: {{name: dart, pivot_image: 4, pivot_text: 4{extra}}}",
+        ],
     )
 
 
@@ -239,9 +262,16 @@ def pdrop(label: int) -> Preset:
             "Rank: the last instruction token's attention at the cut layer (layer_offset 0, official).",
         ],
         "renumber",
-        [line for layer, k in stages for line in (
-            f"  - layer: {layer}", f"    keep: {k}",
-            "    scorer: {name: pdrop, layer_offset: 0}", "    selector: topk")],
+        [
+            line
+            for layer, k in stages
+            for line in (
+                f"  - layer: {layer}",
+                f"    keep: {k}",
+                "    scorer: {name: pdrop, layer_offset: 0}",
+                "    selector: topk",
+            )
+        ],
     )
 
 
@@ -255,16 +285,23 @@ def sparsevlm(label: int) -> Preset:
         f"{'/'.join(map(str, keeps))} of 144 incl. recycled (layer average {layer_average(stages):g})",
         [
             "SparseVLM (arXiv 2410.04417), v1.5 code: three pruning layers with recycling; the stage totals",
-            "are in the ratio of the official \"64\" setting's 82:32:18 (sparsevlm_64.yaml).",
+            'are in the ratio of the official "64" setting\'s 82:32:18 (sparsevlm_64.yaml).',
             _budget_line(label),
             _where(label),
             _avg_line(stages),
             "Raters' attention at the cut layer (layer_offset 0).",
         ],
         "renumber",
-        [line for layer, k in stages for line in (
-            f"  - layer: {layer}", f"    keep: {k}",
-            "    scorer: {name: sparsevlm, layer_offset: 0}", "    selector: {name: sparsevlm, recycle: true}")],
+        [
+            line
+            for layer, k in stages
+            for line in (
+                f"  - layer: {layer}",
+                f"    keep: {k}",
+                "    scorer: {name: sparsevlm, layer_offset: 0}",
+                "    selector: {name: sparsevlm, recycle: true}",
+            )
+        ],
     )
 
 
@@ -273,8 +310,11 @@ def _encoder(method: str, label: int, title: str, about: list[str], stage: list[
     return Preset(
         f"ref_{method}_{label}",
         f"{title} on the reference models, keep {keep} of 144 before the LLM",
-        about + [_budget_line(label), _avg_line([(0, keep)]),
-],
+        about
+        + [
+            _budget_line(label),
+            _avg_line([(0, keep)]),
+        ],
         "renumber",
         ["  - layer: 0", f"    keep: {keep}", *stage],
     )
@@ -283,43 +323,85 @@ def _encoder(method: str, label: int, title: str, about: list[str], stage: list[
 def visionzip(label: int) -> Preset:
     keep = BUDGETS[label]
     contextual = int(keep * 5 / 32 + 0.5)
-    return _encoder("visionzip", label, f"VisionZip ({keep - contextual} dominant + {contextual} contextual)", [
-        "VisionZip (arXiv 2412.04467): dominant tokens by CLS->patch attention at vision layer -2",
-        "(summed over heads) + contextual tokens merged by key similarity; contextual share 5/32 as the",
-        "official 192 setting (162 + 30), rounded half up.",
-    ], ["    scorer: {name: vision_cls, layer: -2, heads: sum}", f"    selector: {{name: visionzip, layer: -2, contextual: {contextual}}}"])
+    return _encoder(
+        "visionzip",
+        label,
+        f"VisionZip ({keep - contextual} dominant + {contextual} contextual)",
+        [
+            "VisionZip (arXiv 2412.04467): dominant tokens by CLS->patch attention at vision layer -2",
+            "(summed over heads) + contextual tokens merged by key similarity; contextual share 5/32 as the",
+            "official 192 setting (162 + 30), rounded half up.",
+        ],
+        [
+            "    scorer: {name: vision_cls, layer: -2, heads: sum}",
+            f"    selector: {{name: visionzip, layer: -2, contextual: {contextual}}}",
+        ],
+    )
 
 
 def holov(label: int) -> Preset:
-    return _encoder("holov", label, "HoloV (derived from the paper)", [
-        "HoloV (arXiv 2510.02912), our reading of the paper: the budget split over 4x4 crops of the",
-        "12x12 grid by crop importance, then the best tokens of each crop (docs/strategies/holov.md).",
-    ], ["    scorer: {name: vision_cls, layer: -2, heads: sum}", "    selector: {name: holov, crops: 4, temperature: 1.0}"])
+    return _encoder(
+        "holov",
+        label,
+        "HoloV (derived from the paper)",
+        [
+            "HoloV (arXiv 2510.02912), our reading of the paper: the budget split over 4x4 crops of the",
+            "12x12 grid by crop importance, then the best tokens of each crop (docs/strategies/holov.md).",
+        ],
+        [
+            "    scorer: {name: vision_cls, layer: -2, heads: sum}",
+            "    selector: {name: holov, crops: 4, temperature: 1.0}",
+        ],
+    )
 
 
 def scope(label: int) -> Preset:
-    return _encoder("scope", label, "SCOPE", [
-        "SCOPE (arXiv 2510.24214): greedy saliency x coverage on the vision features (alpha 1).",
-    ], ["    scorer: {name: vision_cls, layer: -2, heads: sum}", "    selector: {name: scope, alpha: 1.0}"])
+    return _encoder(
+        "scope",
+        label,
+        "SCOPE",
+        [
+            "SCOPE (arXiv 2510.24214): greedy saliency x coverage on the vision features (alpha 1).",
+        ],
+        ["    scorer: {name: vision_cls, layer: -2, heads: sum}", "    selector: {name: scope, alpha: 1.0}"],
+    )
 
 
 def divprune(label: int) -> Preset:
-    return _encoder("divprune", label, "DivPrune", [
-        "DivPrune (arXiv 2503.02175): greedy max-min cosine diversity over the visual input embeddings",
-        "(official LAYER_INDEX=0).",
-    ], ["    selector: divprune"])
+    return _encoder(
+        "divprune",
+        label,
+        "DivPrune",
+        [
+            "DivPrune (arXiv 2503.02175): greedy max-min cosine diversity over the visual input embeddings",
+            "(official LAYER_INDEX=0).",
+        ],
+        ["    selector: divprune"],
+    )
 
 
 def uniform(label: int) -> Preset:
-    return _encoder("uniform", label, "Uniform grid (control)", [
-        "Control: evenly spaced visual tokens over the 12x12 grid, no signal at all.",
-    ], ["    selector: uniform"])
+    return _encoder(
+        "uniform",
+        label,
+        "Uniform grid (control)",
+        [
+            "Control: evenly spaced visual tokens over the 12x12 grid, no signal at all.",
+        ],
+        ["    selector: uniform"],
+    )
 
 
 def random_(label: int) -> Preset:
-    p = _encoder("random", label, "Random subset (control, seed 0)", [
-        "Control: a seeded random subset of the visual tokens (the floor any method should beat).",
-    ], ["    selector: random"])
+    p = _encoder(
+        "random",
+        label,
+        "Random subset (control, seed 0)",
+        [
+            "Control: a seeded random subset of the visual tokens (the floor any method should beat).",
+        ],
+        ["    selector: random"],
+    )
     return p
 
 

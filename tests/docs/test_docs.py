@@ -215,7 +215,6 @@ def links(text: str) -> list[tuple[int, str]]:
 def check_links(page: Path, docs_dir: Path = DOCS, repo: Path = REPO) -> list[str]:
     """Problems with the relative links of ``page``, one message each (empty: all fine)."""
     in_docs = page.resolve().is_relative_to(docs_dir.resolve())
-    style = "mkdocs" if in_docs else "github"
     rel = page.resolve().relative_to(repo.resolve()) if page.resolve().is_relative_to(repo.resolve()) else page
     problems = []
     for line, target in links(page.read_text(encoding="utf-8")):
@@ -304,7 +303,11 @@ def nav_entries(nav) -> list[str]:
 
 
 def test_slugs_follow_mkdocs_and_github():
-    assert slug_mkdocs("Position ids: an ablation") == slug_github("Position ids: an ablation") == "position-ids-an-ablation"
+    assert (
+        slug_mkdocs("Position ids: an ablation")
+        == slug_github("Position ids: an ablation")
+        == "position-ids-an-ablation"
+    )
     heading = heading_texts("## Positions (`[A, B, S]`)\n")[0]
     assert slug_mkdocs(heading) == slug_github(heading) == "positions-a-b-s"
     assert slug_mkdocs("A -- b") == "a-b" and slug_github("A -- b") == "a----b"
@@ -351,7 +354,11 @@ def test_link_checker_finds_broken_links(tmp_path):
 
 
 def test_nav_entries_flatten_sections():
-    nav = [{"Home": "index.md"}, {"Strategies": [{"a": "strategies/a.md"}, "strategies/b.md"]}, {"Web": "https://x.org"}]
+    nav = [
+        {"Home": "index.md"},
+        {"Strategies": [{"a": "strategies/a.md"}, "strategies/b.md"]},
+        {"Web": "https://x.org"},
+    ]
     assert nav_entries(nav) == ["index.md", "strategies/a.md", "strategies/b.md"]
 
 
@@ -510,7 +517,17 @@ def test_mkdocs_build_strict(tmp_path):
     site = tmp_path / "site"
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(MKDOCS_YML), "--site-dir", str(site)],
+            [
+                sys.executable,
+                "-m",
+                "mkdocs",
+                "build",
+                "--strict",
+                "--config-file",
+                str(MKDOCS_YML),
+                "--site-dir",
+                str(site),
+            ],
             cwd=REPO,
             capture_output=True,
             text=True,

@@ -91,7 +91,9 @@ def question_mask(view: TokenView) -> Tensor:
     b, s = valid.shape
     positions = torch.arange(s, device=valid.device).unsqueeze(0)  # [1, S]
     if view.visual_index.shape[1]:
-        last_visual = torch.where(view.visual_valid, view.visual_index, torch.full_like(view.visual_index, -1)).max(-1).values
+        last_visual = (
+            torch.where(view.visual_valid, view.visual_index, torch.full_like(view.visual_index, -1)).max(-1).values
+        )
     else:
         last_visual = torch.full((b,), -1, dtype=torch.long, device=valid.device)
     after = valid & (positions > last_visual.unsqueeze(1))  # [B, S]
