@@ -13,7 +13,9 @@ _CACHE: dict = {}
 
 def llava(attn: str = "sdpa"):
     if ("llava", attn) not in _CACHE:
-        _CACHE["llava", attn] = build_tiny("llava", attn_implementation=attn, image_size=336, patch=14, text_layers=DEPTH)
+        _CACHE["llava", attn] = build_tiny(
+            "llava", attn_implementation=attn, image_size=336, patch=14, text_layers=DEPTH
+        )
     return _CACHE["llava", attn]
 
 

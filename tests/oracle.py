@@ -35,7 +35,9 @@ def oracle_positions(model, input_ids: torch.Tensor, extra: dict) -> torch.Tenso
     if not _is_qwen(model):
         return torch.arange(input_ids.shape[1]).unsqueeze(0)
     pos, _ = model.model.get_rope_index(
-        input_ids, extra["mm_token_type_ids"], image_grid_thw=extra.get("image_grid_thw"),
+        input_ids,
+        extra["mm_token_type_ids"],
+        image_grid_thw=extra.get("image_grid_thw"),
         video_grid_thw=extra.get("video_grid_thw"),
     )
     return pos[:, 0]  # [3, S]
@@ -65,11 +67,15 @@ def oracle_inputs_embeds(
     if _is_qwen(model):  # image features in image-token order
         extra = extra or {}
         embeds = embeds.clone()
-        for ids, pix, thw in ((model.config.image_token_id, pixel_values, extra.get("image_grid_thw")),
-                              (model.config.video_token_id, extra.get("pixel_values_videos"), extra.get("video_grid_thw"))):
+        for ids, pix, thw in (
+            (model.config.image_token_id, pixel_values, extra.get("image_grid_thw")),
+            (model.config.video_token_id, extra.get("pixel_values_videos"), extra.get("video_grid_thw")),
+        ):
             if pix is None:
                 continue
-            get = model.model.get_image_features if ids == model.config.image_token_id else model.model.get_video_features
+            get = (
+                model.model.get_image_features if ids == model.config.image_token_id else model.model.get_video_features
+            )
             feats = torch.cat(list(get(pix, thw, return_dict=True).pooler_output), dim=0).to(embeds.dtype)
             where = input_ids == ids
             if int(where.sum()) != feats.shape[0]:

@@ -10,7 +10,10 @@ Public API::
 See ``docs/concepts.md`` for plans, stages, budgets, cuts and traces.
 """
 
+from importlib import metadata as _metadata
+
 from tokenreduce.api import apply, compile_for
+from tokenreduce.core.arch import ArchSpec
 from tokenreduce.core.errors import (
     DuplicateComponentError,
     PlanError,
@@ -22,9 +25,13 @@ from tokenreduce.core.errors import (
 )
 from tokenreduce.core.plan import LayerAverage, Plan, Ratio, Stage, Tokens, Weight, build_plan
 from tokenreduce.core.registry import hookimpl, list_components
+from tokenreduce.core.strategy import Scorer, Selector
 from tokenreduce.core.types import Need, Selection, TokenView, Trace
 
-__version__ = "0.1.0"
+try:  # the version is written once, in pyproject.toml; the installed metadata carries it
+    __version__ = _metadata.version("tokenreduce")
+except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "apply",
@@ -32,6 +39,9 @@ __all__ = [
     "compile_for",
     "list_components",
     "hookimpl",
+    "Scorer",
+    "Selector",
+    "ArchSpec",
     "Plan",
     "Stage",
     "Tokens",

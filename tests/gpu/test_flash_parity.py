@@ -13,19 +13,26 @@ from tokenreduce.testing.tiny import build_tiny, make_inputs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-PLAN = {"positions": "renumber", "stages": [
-    {"layer": 1, "keep": 10, "scorer": "pio", "selector": "nms"},
-    {"layer": 2, "keep": 6, "scorer": "fastv", "selector": "topk"},
-]}
+PLAN = {
+    "positions": "renumber",
+    "stages": [
+        {"layer": 1, "keep": 10, "scorer": "pio", "selector": "nms"},
+        {"layer": 2, "keep": 6, "scorer": "fastv", "selector": "topk"},
+    ],
+}
 IMPLS = ["sdpa", "eager"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
 
 
 def run(impl, dtype):
     model = build_tiny("llava", attn_implementation=impl, dtype=dtype).cuda()
-    inputs = make_inputs("llava", ["USER: <image> what color is the shape? ASSISTANT:", "USER: <image> shape? ASSISTANT:"])
+    inputs = make_inputs(
+        "llava", ["USER: <image> what color is the shape? ASSISTANT:", "USER: <image> shape? ASSISTANT:"]
+    )
     inputs = {k: (v.cuda().to(dtype) if v.is_floating_point() else v.cuda()) for k, v in inputs.items()}
     with tokenreduce.apply(model, PLAN) as att:
-        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
     return att.trace, torch.stack(out.logits, 1).float()
 
 

@@ -64,9 +64,9 @@ def tokenreduce_register(registry):
     registry.selector("fake_last", FakeLast)
 '''
 
-BROKEN_MODULE = '''
+BROKEN_MODULE = """
 import a_module_that_is_not_installed_anywhere  # raises ImportError on import
-'''
+"""
 
 CLASH_MODULE = '''
 from pydantic import BaseModel, ConfigDict

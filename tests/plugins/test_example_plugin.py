@@ -73,8 +73,21 @@ def site_dir(tmp_path_factory) -> Path:
     source = tmp_path_factory.mktemp("example-src") / EXAMPLE.name
     shutil.copytree(EXAMPLE, source, ignore=shutil.ignore_patterns("build", "dist", "*.egg-info", "__pycache__"))
     target = tmp_path_factory.mktemp("example-site")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index",
-           "--disable-pip-version-check", "--no-cache-dir", "--quiet", "--target", str(target), str(source)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--disable-pip-version-check",
+        "--no-cache-dir",
+        "--quiet",
+        "--target",
+        str(target),
+        str(source),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return target
@@ -163,18 +176,29 @@ def _synthetic_view(dtype=torch.float32) -> tuple[TokenView, list[dict]]:
     visual_index = torch.zeros(b, n, dtype=torch.long)
     visual_valid = torch.zeros(b, n, dtype=torch.bool)
     for i, lay in enumerate(layouts):
-        valid[i, lay["pad"]:] = True
+        valid[i, lay["pad"] :] = True
         visual_index[i, : len(lay["visual"])] = torch.tensor(lay["visual"])
         visual_valid[i, : len(lay["visual"])] = True
     view = TokenView(
-        layer=2, stage=0, hidden=hidden, valid=valid, visual_index=visual_index, visual_valid=visual_valid,
-        original_index=torch.where(visual_valid, visual_index, -1), n_original_visual=visual_valid.sum(-1), signals=None,
+        layer=2,
+        stage=0,
+        hidden=hidden,
+        valid=valid,
+        visual_index=visual_index,
+        visual_valid=visual_valid,
+        original_index=torch.where(visual_valid, visual_index, -1),
+        n_original_visual=visual_valid.sum(-1),
+        signals=None,
     )
     return view, layouts
 
 
-SETTINGS = [dict(reduce="mean", center=False), dict(reduce="max", center=False),
-            dict(reduce="mean", center=True), dict(reduce="max", center=True)]
+SETTINGS = [
+    dict(reduce="mean", center=False),
+    dict(reduce="max", center=False),
+    dict(reduce="mean", center=True),
+    dict(reduce="max", center=True),
+]
 
 
 @pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: f"{s['reduce']}-center{int(s['center'])}")
@@ -197,10 +221,17 @@ def test_scores_equal_reference_on_ragged_left_padded_batch(plugin, settings):
         expected = _reference_scores(view.hidden[i, lay["visual"]], view.hidden[i, lay["question"]], **settings)
         torch.testing.assert_close(scores[i, :n].double(), expected, atol=1e-5, rtol=0, msg=f"sample {i}")
         # each sample alone gives the same scores as in the batch
-        alone = TokenView(layer=2, stage=0, hidden=view.hidden[i : i + 1], valid=view.valid[i : i + 1],
-                          visual_index=view.visual_index[i : i + 1, :n], visual_valid=view.visual_valid[i : i + 1, :n],
-                          original_index=view.original_index[i : i + 1, :n], n_original_visual=view.n_original_visual[i : i + 1],
-                          signals=None)
+        alone = TokenView(
+            layer=2,
+            stage=0,
+            hidden=view.hidden[i : i + 1],
+            valid=view.valid[i : i + 1],
+            visual_index=view.visual_index[i : i + 1, :n],
+            visual_valid=view.visual_valid[i : i + 1, :n],
+            original_index=view.original_index[i : i + 1, :n],
+            n_original_visual=view.n_original_visual[i : i + 1],
+            signals=None,
+        )
         torch.testing.assert_close(scorer.score(alone)[0], scores[i, :n], atol=1e-6, rtol=0)
 
 
@@ -227,15 +258,18 @@ def test_settings_are_validated_with_their_path(plugin):
 
 
 # -- inside generate() on a tiny LLaVA -------------------------------------------------------------
-@pytest.mark.parametrize("settings", [dict(reduce="mean", center=False), dict(reduce="max", center=True)],
-                         ids=["mean", "max-center"])
+@pytest.mark.parametrize(
+    "settings", [dict(reduce="mean", center=False), dict(reduce="max", center=True)], ids=["mean", "max-center"]
+)
 def test_generate_keeps_the_reference_top_k(plugin, settings):
     from tokenreduce.testing.tiny import IMAGE_TOKEN_ID, build_tiny, make_inputs
 
     layer, keep = 2, 5
     model = build_tiny("llava", text_layers=4)
-    prompts = ["USER: <image> what color is the shape? ASSISTANT:",
-               "USER: <image> is the red shape a circle or a square or a triangle? ASSISTANT:"]
+    prompts = [
+        "USER: <image> what color is the shape? ASSISTANT:",
+        "USER: <image> is the red shape a circle or a square or a triangle? ASSISTANT:",
+    ]
     inputs = make_inputs("llava", prompts)
     ids, attention = inputs["input_ids"], inputs["attention_mask"].bool()
     assert not attention[0, 0] and attention[1, 0], "the batch should be left-padded"
@@ -278,8 +312,14 @@ def _run_outputs(folder: Path) -> tuple[dict, dict]:
 def test_cli_override_swaps_in_the_plugin_scorer(plugin, tmp_path, capsys):
     out = tmp_path / "run"
     # plan=demo: uniform half before layer 1, then the top quarter by `norm` before layer 3 -> text_relevance
-    argv = ["run", "plan=demo", f"plan.stages.1.scorer={{name: {SCORER}, reduce: max}}", *TINY,
-            "run.max_new_tokens=2", f"out_dir={out}"]
+    argv = [
+        "run",
+        "plan=demo",
+        f"plan.stages.1.scorer={{name: {SCORER}, reduce: max}}",
+        *TINY,
+        "run.max_new_tokens=2",
+        f"out_dir={out}",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     assert "with plan demo*" in capsys.readouterr().out
     config, results = _run_outputs(out)
@@ -288,8 +328,16 @@ def test_cli_override_swaps_in_the_plugin_scorer(plugin, tmp_path, capsys):
 
     # a plain name works on a stage that has a scorer; on one that has none (uniform_25), add it with `+`
     out = tmp_path / "uniform"
-    argv = ["run", "plan=uniform_25", f"+plan.stages.0.scorer={SCORER}", "plan.stages.0.selector=topk", *TINY,
-            "run.max_new_tokens=2", "run.vanilla=false", f"out_dir={out}"]
+    argv = [
+        "run",
+        "plan=uniform_25",
+        f"+plan.stages.0.scorer={SCORER}",
+        "plan.stages.0.selector=topk",
+        *TINY,
+        "run.max_new_tokens=2",
+        "run.vanilla=false",
+        f"out_dir={out}",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     config, results = _run_outputs(out)
     stage = config["resolved_plans"]["uniform_25*"]["stages"][0]  # defaults left out: topk is the default selector
@@ -308,8 +356,15 @@ def test_cli_typo_in_a_plugin_setting_names_the_path(plugin, capsys):
 def test_cli_runs_the_preset_shipped_in_the_package(plugin, tmp_path, capsys):
     out = tmp_path / "preset"
     searchpath = importlib.import_module(MODULE).CONF_SEARCHPATH
-    argv = ["run", f"hydra.searchpath=[{searchpath}]", "plan=text_relevance_25", *TINY, "run.max_new_tokens=2",
-            "run.vanilla=false", f"out_dir={out}"]
+    argv = [
+        "run",
+        f"hydra.searchpath=[{searchpath}]",
+        "plan=text_relevance_25",
+        *TINY,
+        "run.max_new_tokens=2",
+        "run.vanilla=false",
+        f"out_dir={out}",
+    ]
     assert main(argv) == 0, capsys.readouterr().err
     config, results = _run_outputs(out)
     assert config["choices"]["plan"] == "text_relevance_25"
