@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
+from tokenreduce.measure.viz import TokenLayout, VizSettings, render_panel, survival_levels, token_layout, visualize
 from tokenreduce.models import load_model
 from tokenreduce.testing.tiny import QWEN_IMAGE_PLACEHOLDER, make_image
-from tokenreduce.viz import TokenLayout, VizSettings, render_panel, survival_levels, token_layout, visualize
 
 
 @pytest.fixture(scope="module")
