@@ -79,6 +79,7 @@ class RecordingSelector:
                     for heads in ("mean", "concat")
                 },
                 "features": s.vision_features(),
+                "cls_features": s.vision_cls_features(),
                 "projected": s.project_vision(s.vision_features()),
                 "hidden": view.visual_hidden(),
                 "valid": view.visual_valid,
@@ -122,6 +123,8 @@ def test_vision_signals_equal_the_eager_attention_maps(attn):
             got[("keys", layer, "mean")], k.view(*k.shape[:2], heads, -1).mean(2), atol=1e-5, rtol=1e-5
         )
     torch.testing.assert_close(got["features"], out.hidden_states[-2][:, 1:], atol=1e-5, rtol=1e-5)
+    cls = out.hidden_states[-2][:, :1].expand_as(got["features"])  # one image per sample
+    torch.testing.assert_close(got["cls_features"], cls, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(got["projected"], got["hidden"], atol=1e-5, rtol=1e-5)  # = what the LLM receives
 
 
@@ -218,13 +221,17 @@ def test_visionzip_contextual_tokens_enter_the_first_layer():
             handle.remove()
     sel, original = SELECTIONS[0]
     assert att.trace.stages[0].visual_after == [64, 64]
+    with torch.no_grad():
+        out = model.model.vision_tower(llava_inputs(PROMPTS)["pixel_values"], output_hidden_states=True)
+        cls = model.model.multi_modal_projector(out.hidden_states[-2][:, 0])  # [images, d]
     for b in range(2):
         rows = seen["hidden"][b]
-        changed = 0
+        patches = 0
         for j in range(64):
             assert float((rows - sel.hidden[b, j]).abs().amax(-1).min()) == 0.0
-            changed += not torch.equal(sel.hidden[b, j], original[b, sel.index[b, j]])
-        assert changed == 10  # the 10 contextual tokens replaced their targets; 54 dominant unchanged
+            patches += bool((original[b] == sel.hidden[b, j]).all(-1).any())
+        torch.testing.assert_close(sel.hidden[b, 0], cls[b], atol=1e-5, rtol=1e-5)  # the CLS token first
+        assert patches == 53  # official 64 = CLS + 53 dominant patches (unchanged) + 10 contextual
 
 
 # -- composition and refusals ------------------------------------------------------------------------------

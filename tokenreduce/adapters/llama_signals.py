@@ -232,5 +232,8 @@ class LlamaSignals:
     def vision_features(self) -> Tensor:
         return self._vision().features()
 
+    def vision_cls_features(self) -> Tensor:
+        return self._vision().cls_features()
+
     def project_vision(self, features: Tensor) -> Tensor:
         return self._vision().project(features)

@@ -2,7 +2,8 @@
 
 Encoder-side methods (VisionZip, SCOPE, HoloV, PIO's encoder-involved mode) read the vision
 tower: the attention the CLS token pays to each patch at some encoder layer, the patch keys at
-a layer, the vision features the projector receives.  The official implementations switch the
+a layer, the vision features the projector receives (and, for VisionZip, the CLS token's feature
+at that layer, which LLaVA drops).  The official implementations switch the
 vision tower to eager attention and ask for ``output_attentions``.  We do not: forward
 pre-hooks on the chosen CLIP encoder layers keep a reference to each layer's **input**
 (``[I, 1 + P, d_v]`` for ``I`` images of ``P`` patches), and the needed rows are recomputed
@@ -203,6 +204,14 @@ class VisionSignals:
         """``[B, N, d_v]``: what the projector received for each candidate."""
         x = self.inputs[self.tower.feature_input_layer]
         return self._to_candidates(x[:, 1:])
+
+    def cls_features(self) -> Tensor:
+        """``[B, N, d_v]``: the CLS token's feature at the projector's input layer (the same layer as
+        :meth:`features`, position 0 of the image's row), repeated on every candidate of its image.
+        LLaVA's ``default`` feature selection drops it; VisionZip's official LLaVA path projects it
+        and feeds it to the LLM."""
+        x = self.inputs[self.tower.feature_input_layer]
+        return self._to_candidates(x[:, :1].expand(-1, self.tower.patches, -1))
 
     def project(self, features: Tensor) -> Tensor:
         with torch.no_grad():
