@@ -35,6 +35,12 @@ def apply(model: Any, plan: Plan | dict | str, *, registry: Registry | None = No
     ``plan`` is a :class:`~tokenreduce.core.plan.Plan`, a plain mapping, or the name of a preset
     in ``conf/plan``.  Everything is validated before any hook is registered; on exit (also on an
     exception) every hook is removed and the model computes exactly what it computed before.
+    ``model`` is the whole model with its LM head (``*ForConditionalGeneration``).  One attachment
+    per model at a time: a model that already has one is refused
+    (:class:`~tokenreduce.core.errors.AlreadyAttachedError`); ``docs/concepts.md``, Attachments.
     """
+    from tokenreduce.adapters.cut.attachment import check_unattached
+
+    check_unattached(model)  # before compiling: the error names the attachment present
     adapter, compiled = compile_for(model, plan, registry)
     return adapter.attach(model, compiled)

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from tokenreduce.cli.config import Context
 
-__all__ = ["jsonable", "out_dir", "progress_note", "trace_dict", "trace_rows", "write_outputs"]
+__all__ = ["clamp_summary", "jsonable", "out_dir", "progress_note", "trace_dict", "trace_rows", "write_outputs"]
 
 
 def out_dir(ctx: Context) -> Path:
@@ -103,13 +103,21 @@ def trace_rows(trace, sample: int = 0) -> list[list[str]]:
     return rows
 
 
+def clamp_summary(trace) -> dict[str, int]:
+    """How many stages and samples of ``trace`` had a keep count clamped (requested != kept)."""
+    clamped = trace.clamped()
+    return {"stages": len({s for s, _ in clamped}), "samples": len({b for _, b in clamped})}
+
+
 def trace_dict(trace) -> dict[str, Any]:
-    """``trace`` as plain values for ``results.json``."""
+    """``trace`` as plain values for ``results.json``; ``requested`` per stage and sample is what
+    the stage's keep asked for, ``clamped`` the samples where that differs from ``visual_after``."""
     return {
         "n_layers": trace.n_layers,
         "original_visual": trace.original_visual,
         "visual_per_layer": [trace.visual_per_layer(b) for b in range(len(trace.original_visual))],
         "layer_average": [trace.layer_average(b) for b in range(len(trace.original_visual))],
+        "clamped": clamp_summary(trace),
         "stages": [
             {
                 "stage": st.stage,
@@ -117,7 +125,9 @@ def trace_dict(trace) -> dict[str, Any]:
                 "tokens_before": st.tokens_before,
                 "tokens_after": st.tokens_after,
                 "visual_before": st.visual_before,
+                "requested": st.requested,
                 "visual_after": st.visual_after,
+                "clamped": st.clamped,
                 "seconds": st.seconds,
                 "kept": st.kept,
             }

@@ -76,6 +76,12 @@ def cmd_run(overrides: Sequence[str]) -> int:
     if trace.stages:
         print("trace (kept = original sequence positions of the kept visual tokens):")
         print(format_table(trace_rows(trace), ["stage", "layer", "tokens", "visual", "ms", "kept"]))
+    for st in trace.stages:
+        if st.clamped:
+            print(
+                f"note: stage {st.stage} asked for {st.requested[0]} visual tokens and kept {st.visual_after[0]} "
+                "(clamped to 1..the visual tokens entering the stage; docs/concepts.md)"
+            )
     if acc is not None:
         print(
             f"prefill FLOPs: {format_si(acc['flops_true'])} true, {format_si(acc['flops_paper'])} paper convention; "

@@ -127,6 +127,12 @@ class SignalSource(Protocol):
         LLaVA the CLS-free ``vision_feature_layer`` hidden states); vision dtype."""
         ...
 
+    def vision_cls_features(self) -> Tensor:
+        """``[B, N, d_v]``: the CLS token's feature at the layer :meth:`vision_features` reads (the
+        token LLaVA's ``default`` selection drops), repeated on every candidate of its image;
+        vision dtype.  Part of ``Need.VISION_FEATURES`` (VisionZip keeps the CLS token)."""
+        ...
+
     def project_vision(self, features: Tensor) -> Tensor:
         """The model's projector: ``[..., d_v] -> [..., d]`` (hidden-state dtype)."""
         ...
@@ -242,6 +248,9 @@ class StageTrace:
         visual_before / visual_after: per-sample visual-token counts.
         kept: per sample, the kept visual tokens as indices into the original input sequence.
         seconds: wall time spent scoring and selecting (host clock).
+        requested: per sample, the visual tokens the stage's ``keep`` asked for before the clamp
+            to ``1..visual_before`` (0 for a sample without visual tokens); where it differs from
+            ``visual_after`` the count was clamped (see :attr:`clamped`).
     """
 
     stage: int
@@ -252,6 +261,12 @@ class StageTrace:
     visual_after: list[int]
     kept: list[list[int]]
     seconds: float = 0.0
+    requested: list[int] = field(default_factory=list)
+
+    @property
+    def clamped(self) -> list[int]:
+        """The samples whose requested count was clamped (kept more or fewer than requested)."""
+        return [b for b, (want, got) in enumerate(zip(self.requested, self.visual_after)) if want != got]
 
 
 @dataclass
@@ -281,3 +296,7 @@ class Trace:
         """Average visual tokens per decoder layer for one sample."""
         counts = self.visual_per_layer(sample)
         return sum(counts) / len(counts) if counts else 0.0
+
+    def clamped(self) -> list[tuple[int, int]]:
+        """``(stage, sample)`` of every keep count that was clamped (:attr:`StageTrace.clamped`)."""
+        return [(st.stage, b) for st in self.stages for b in st.clamped]

@@ -146,6 +146,9 @@ class PlanOutputs:
         accounting: per example, the FLOP/KV accounting dict (``None`` when unavailable).
         seconds: wall time of all of this configuration's ``generate()`` calls.
         select_seconds: time the stages spent scoring and selecting (sum over batches).
+        clamped_samples, clamped_stages: examples whose keep count was clamped at some stage
+            (the plan asked for more than the stage had, or a ratio rounded to 0), and the
+            clamped (stage, example) pairs (``StageTrace.requested`` vs ``kept``).
     """
 
     name: str
@@ -158,6 +161,8 @@ class PlanOutputs:
     accounting: list[dict[str, Any] | None] = field(default_factory=list)
     seconds: float = 0.0
     select_seconds: float = 0.0
+    clamped_samples: int = 0
+    clamped_stages: int = 0
 
 
 @dataclass
@@ -333,6 +338,9 @@ def _generate(
             outputs.accounting.append(accountant(name, plan_obj, n_vis[b], n_txt[b], trace, b, per_layer))
         if trace is not None:
             outputs.select_seconds += sum(st.seconds for st in trace.stages)
+            pairs = trace.clamped()
+            outputs.clamped_stages += len(pairs)
+            outputs.clamped_samples += len({b for _, b in pairs})
         bar.update(len(batch))
     outputs.first_logits = torch.cat(logits, dim=0)
     return outputs
@@ -435,11 +443,19 @@ def evaluate(
                 "seconds": run.seconds,
                 "ms_per_example": 1e3 * run.seconds / len(examples),
                 "select_seconds": run.select_seconds,
+                "clamped_samples": run.clamped_samples,
+                "clamped_stages": run.clamped_stages,
             }
         )
     vanilla_flops = metrics[0]["flops_true"]
     for m in metrics:
         m["flop_ratio"] = vanilla_flops / m["flops_true"] if vanilla_flops and m["flops_true"] else None
+        if m["clamped_samples"]:
+            notes.append(
+                f"{m['name']}: the keep count was clamped for {m['clamped_samples']} example(s) "
+                f"({m['clamped_stages']} stage cut(s)): the plan asked for more visual tokens than a stage had, "
+                "or for fewer than 1 (Clamps in docs/concepts.md)"
+            )
     if base_acc == 0:
         notes.append("vanilla accuracy is 0 (e.g. random weights): retention is undefined")
     per_example = []

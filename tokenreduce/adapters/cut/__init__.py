@@ -10,8 +10,17 @@ See ``docs/cut.md`` and ``docs/writing-an-adapter.md``.
 """
 
 from .adapter import DecoderAdapter
-from .attachment import VISION_NEEDS, CutAttachment, StageState
+from .attachment import VISION_NEEDS, AlreadyAttachedError, CutAttachment, StageState, attachment_of
 from .hooks import Hooks
 from .slots import Slots
 
-__all__ = ["VISION_NEEDS", "CutAttachment", "DecoderAdapter", "Hooks", "Slots", "StageState"]
+__all__ = [
+    "VISION_NEEDS",
+    "AlreadyAttachedError",
+    "CutAttachment",
+    "DecoderAdapter",
+    "Hooks",
+    "Slots",
+    "StageState",
+    "attachment_of",
+]

@@ -10,12 +10,14 @@ registry and :func:`tokenreduce.apply` call.  Walkthrough: ``docs/writing-an-ada
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from pydantic import BaseModel
 from torch import Tensor
 
+from tokenreduce.core.errors import UnsupportedModelError
 from tokenreduce.core.types import Need
 
 from ..llama_family import check_llama_family, generate_position_ids
@@ -29,6 +31,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from .attachment import CutAttachment
 
 __all__ = ["DecoderAdapter"]
+
+
+def _generation_class(model: Any) -> str:
+    """The name of the transformers class with the LM head for ``model``'s model type."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names: Mapping[str, str] = {}
+    try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES as names
+    except ImportError:  # pragma: no cover - the mapping moved
+        pass
+    found = names.get(model_type) if model_type else None
+    return found if isinstance(found, str) else "the *ForConditionalGeneration model"
 
 
 class DecoderAdapter:
@@ -70,10 +84,22 @@ class DecoderAdapter:
         if settings is None and self.Settings is not None:
             settings = self.Settings()
         self.settings = settings
-        self.language_model: Any = self.decoder(model)
+        self.language_model: Any = self._part("language model", self.decoder)
         self.check_model()
-        self.head: Any = self.lm_head(model)
+        self.head: Any = self._part("LM head", self.lm_head)
         self.image_token = self.image_token_id()
+
+    def _part(self, what: str, find: Any) -> Any:
+        """``find(model)``; a model without that part (e.g. the base ``LlavaModel`` instead of
+        ``LlavaForConditionalGeneration``) is refused with the class to pass instead."""
+        try:
+            return find(self.model)
+        except AttributeError as exc:
+            raise UnsupportedModelError(
+                f"{type(self.model).__name__} has no {what} where the {self.name} adapter looks for it ({exc}); "
+                f"pass the whole model, {_generation_class(self.model)} (as AutoModelForImageTextToText loads it), "
+                "not its base model (model.model) or another part of it"
+            ) from exc
 
     @property
     def name(self) -> str:

@@ -10,7 +10,10 @@ The parts: :mod:`.hooks` (lifecycle), :mod:`.guards` (refused calls), :mod:`.slo
 
 from __future__ import annotations
 
+import threading
 import time
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,8 +21,8 @@ import torch
 from torch import Tensor
 
 from tokenreduce.core.checks import check_scores, check_selection
-from tokenreduce.core.errors import PlanError
-from tokenreduce.core.plan import CompiledPlan, CompiledStage
+from tokenreduce.core.errors import AlreadyAttachedError, PlanError
+from tokenreduce.core.plan import ClampWarning, CompiledPlan, CompiledStage
 from tokenreduce.core.types import Need, StageTrace, TokenView, Trace
 
 from ..llama_signals import LlamaSignals
@@ -33,13 +36,38 @@ from .slots import Slots
 if TYPE_CHECKING:  # pragma: no cover
     from .adapter import DecoderAdapter
 
-__all__ = ["VISION_NEEDS", "CutAttachment", "StageState"]
+__all__ = ["VISION_NEEDS", "AlreadyAttachedError", "CutAttachment", "StageState", "attachment_of", "check_unattached"]
 
 #: the signals read from the vision tower (captured by :class:`VisionCapture`)
 VISION_NEEDS = Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
 
 #: top-level forward kwargs not kept after the prefill (large, and no layout reads them)
 _NOT_KEPT = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs", "past_key_values", "inputs_embeds")
+
+
+#: the attached modules (each model and its language model) -> their attachment; an entry
+#: disappears at detach (the model itself is never marked, so it stays bit-identical)
+_ATTACHED: weakref.WeakKeyDictionary[torch.nn.Module, CutAttachment] = weakref.WeakKeyDictionary()
+_ATTACHED_LOCK = threading.RLock()  # check-then-register is atomic across threads
+
+
+def attachment_of(model: torch.nn.Module) -> CutAttachment | None:
+    """The attachment attached to ``model`` (a VLM or its language model) now, if any."""
+    with _ATTACHED_LOCK:
+        return _ATTACHED.get(model)
+
+
+def check_unattached(*modules: torch.nn.Module, allow: CutAttachment | None = None) -> None:
+    """Refuse modules that have an attachment (other than ``allow``), naming it."""
+    with _ATTACHED_LOCK:
+        for module in modules:
+            other = _ATTACHED.get(module) if isinstance(module, torch.nn.Module) else None
+            if other is not None and other is not allow:
+                raise AlreadyAttachedError(
+                    f"{type(module).__name__} is already attached: {other!r} (attached in thread {other._thread!r}); "
+                    "one attachment per model at a time: detach it first (leave its `with` block or call "
+                    ".detach()), or load a second copy of the model for a second plan"
+                )
 
 
 @dataclass
@@ -109,32 +137,73 @@ class CutAttachment:
         self._is_visual: Tensor | None = None
         self._grid: Tensor | None = None
         self._context: dict = {}
+        self._right_padding: tuple[int, int] | None = None  # (sample, position) of the last prefill
         self._vision: VisionCapture | None = None
         self._hooks = Hooks()
-        first = min((cs.layer for cs in plan.stages), default=self.n_layers)
-        with self._hooks.installing() as hooks:
-            self._vision = vision_capture(adapter, plan)
-            if self._vision is not None:
-                hooks.on_remove(self._drop_vision)
-            hooks.pre_hook(adapter.model, self._top_hook)
-            hooks.pre_hook(adapter.language_model, self._decoder_hook)
-            for i, layer in enumerate(self.layers):
-                if i >= first - 1:
-                    hooks.pre_hook(layer, self._make_layer_hook(i))
+        self._depth = 0  # open ``with`` blocks
+        self._thread = ""  # the thread that attached
+        self._attach()
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def _owned(self) -> tuple[torch.nn.Module, ...]:
+        """The modules this attachment claims: the model and its language model."""
+        return (self.adapter.model, self.adapter.language_model)
+
+    def _attach(self) -> None:
+        """Register the hooks; refused (nothing registered) when the model has another attachment."""
+        with _ATTACHED_LOCK:
+            check_unattached(*self._owned(), allow=self)
+            first = min((cs.layer for cs in self.plan.stages), default=self.n_layers)
+            with self._hooks.installing() as hooks:
+                hooks.on_remove(self._unregister)  # undone last
+                for module in self._owned():
+                    _ATTACHED[module] = self
+                self._thread = threading.current_thread().name
+                self._vision = vision_capture(self.adapter, self.plan)
+                if self._vision is not None:
+                    hooks.on_remove(self._drop_vision)
+                hooks.pre_hook(self.adapter.model, self._top_hook)
+                hooks.pre_hook(self.adapter.language_model, self._decoder_hook)
+                for i, layer in enumerate(self.layers):
+                    if i >= first - 1:
+                        hooks.pre_hook(layer, self._make_layer_hook(i))
+
+    def _unregister(self) -> None:
+        with _ATTACHED_LOCK:
+            for module in self._owned():
+                if _ATTACHED.get(module) is self:
+                    del _ATTACHED[module]
+
     def __enter__(self) -> CutAttachment:
+        """Enter a ``with`` block.  A detached attachment attaches again (with a fresh trace;
+        refused while the model has another attachment); nested blocks on an attached one keep
+        it attached until the outermost block exits."""
+        if not self.attached:
+            self._attach()
+            self._forget_prefill()
+        self._depth += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.detach()
+        self._depth = max(0, self._depth - 1)
+        if self._depth == 0:
+            self.detach()
 
     def detach(self) -> None:
-        """Remove every hook this attachment registered and forget its state."""
+        """Remove every hook this attachment registered and forget its state (the trace stays
+        readable).  Idempotent; ends the attachment also inside nested ``with`` blocks."""
         self._hooks.remove_all()
+        self._depth = 0
         self._states = []
         self._prefilled = False
         self._fwd = None
+
+    def _forget_prefill(self) -> None:
+        """What the last prefill left behind (on attaching again)."""
+        self.trace = Trace(n_layers=self.n_layers)
+        self._input_ids = self._is_visual = self._grid = None
+        self._context = {}
+        self._right_padding = None
 
     def _drop_vision(self) -> None:
         if self._vision is not None:
@@ -183,9 +252,14 @@ class CutAttachment:
         mask2d = kwargs.get("attention_mask")
         if past == 0:
             guards.check_prefill(input_ids)
+            right_padding = guards.right_padding(mask2d)
+            if cache is not None:  # generate()'s prefill: decode steps follow
+                guards.check_left_padded(right_padding, "generate()")
             self._prefill_start(input_ids, mask2d, kwargs)
+            self._right_padding = right_padding
             return None
         guards.check_decode(self._prefilled, input_ids, self.adapter.is_media_token)
+        guards.check_left_padded(self._right_padding, "decoding from the cache of a prefill")
         b, q = input_ids.shape if input_ids is not None else kwargs["inputs_embeds"].shape[:2]
         # the cache of a cut layer is shorter than the sequence, so count the sequence ourselves
         total = self._seen + q
@@ -309,11 +383,13 @@ class CutAttachment:
         n_vis = visual.sum(-1)  # [B]
         n_orig = self._is_visual.sum(-1)
         captured = self._vision.take() if (self._vision is not None and cs.needs & VISION_NEEDS) else None
-        keep = sl.keep_counts(lambda n: self.plan.keep_counts(n)[cs.index], n_orig, n_vis)
+        budgets = {n: self.plan.budget(n) for n in set(n_orig.tolist()) if n > 0}  # (requested, kept) per stage
+        requested = [budgets[n][0][cs.index] if n > 0 else 0 for n in n_orig.tolist()]
+        keep = sl.keep_counts(lambda n: budgets[n][1][cs.index], n_orig, n_vis)
         tokens_before = slots.valid.sum(-1).tolist()
         if bool((keep >= n_vis).all()):  # nothing to remove: the stage is the identity
             kept = sl.rows(slots.orig, visual)
-            self._record(cs, tokens_before, tokens_before, n_vis.tolist(), n_vis.tolist(), kept, t0)
+            self._record(cs, tokens_before, tokens_before, n_vis.tolist(), n_vis.tolist(), kept, requested, t0)
             return hidden, None
 
         cand = sl.candidates(visual, slots.orig)
@@ -321,7 +397,7 @@ class CutAttachment:
         scores = None
         if cs.scorer is not None:
             scores = cs.scorer.score(view)
-            check_scores(cs, scores, cand.valid.shape)
+            check_scores(cs, scores, cand.valid.shape, valid=cand.valid)
         sel = cs.selector.select(view, scores, keep)
         check_selection(cs, sel, keep, n_vis)
 
@@ -335,7 +411,7 @@ class CutAttachment:
 
         kept = sl.rows(slots.orig, chosen)
         counts = keep_mask.sum(-1).tolist()
-        self._record(cs, tokens_before, counts, n_vis.tolist(), sel.valid.sum(-1).tolist(), kept, t0)
+        self._record(cs, tokens_before, counts, n_vis.tolist(), sel.valid.sum(-1).tolist(), kept, requested, t0)
         self.trace.final_index = sl.rows(reduced.orig, reduced.valid)
         return new_hidden, state
 
@@ -371,20 +447,38 @@ class CutAttachment:
             signals=signals,
         )
 
-    def _record(self, cs: CompiledStage, tokens_before, tokens_after, visual_before, visual_after, kept, t0) -> None:
-        self.trace.stages.append(
-            StageTrace(
-                stage=cs.index,
-                layer=cs.layer,
-                tokens_before=list(tokens_before),
-                tokens_after=list(tokens_after),
-                visual_before=list(visual_before),
-                visual_after=list(visual_after),
-                kept=kept,
-                seconds=time.perf_counter() - t0,
-            )
+    def _record(
+        self, cs: CompiledStage, tokens_before, tokens_after, visual_before, visual_after, kept, requested, t0
+    ) -> None:
+        st = StageTrace(
+            stage=cs.index,
+            layer=cs.layer,
+            tokens_before=list(tokens_before),
+            tokens_after=list(tokens_after),
+            visual_before=list(visual_before),
+            visual_after=list(visual_after),
+            kept=kept,
+            seconds=time.perf_counter() - t0,
+            requested=list(requested),
+        )
+        self.trace.stages.append(st)
+        if st.clamped and not self.plan.clamp_warned:
+            self.plan.clamp_warned = True  # once per compiled plan (tokenreduce eval attaches it per batch)
+            warnings.warn(ClampWarning(self._clamp_message(cs, st)), stacklevel=2)
+
+    def _clamp_message(self, cs: CompiledStage, st: StageTrace) -> str:
+        b = st.clamped[0]
+        name = f"plan {self.plan.plan.name!r}" if self.plan.plan.name else "the plan"
+        keep = cs.spec.keep.model_dump(mode="json")
+        return (
+            f"{name} stages.{cs.index} (layer {cs.layer}, keep {keep}) asks for {st.requested[b]} visual tokens of "
+            f"sample {b}, which has {st.visual_before[b]} at that stage, and keeps {st.visual_after[b]}: a keep "
+            "count is clamped to at least 1 and at most the visual tokens entering the stage (docs/concepts.md, "
+            f"Budget); trace.stages[i].requested records every clamp ({len(st.clamped)} of {len(st.requested)} "
+            "sample(s) here); shown once per plan"
         )
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
-        return f"<CutAttachment {self.adapter.name!r} {len(self.plan.stages)} stage(s), {state}>"
+        plan = f" plan {self.plan.plan.name!r}" if self.plan.plan.name else ""
+        return f"<CutAttachment {self.adapter.name!r}{plan} {len(self.plan.stages)} stage(s), {state}>"

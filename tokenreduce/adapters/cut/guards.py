@@ -16,7 +16,15 @@ from tokenreduce.core.errors import PlanError, UnsupportedCallError
 
 from ..masks import SUPPORTED_ATTENTION
 
-__all__ = ["check_attention", "check_call", "check_decode", "check_decode_mask", "check_prefill"]
+__all__ = [
+    "check_attention",
+    "check_call",
+    "check_decode",
+    "check_decode_mask",
+    "check_left_padded",
+    "check_prefill",
+    "right_padding",
+]
 
 
 def check_attention(impl: str) -> None:
@@ -83,3 +91,30 @@ def check_decode_mask(mask2d: Tensor, total: int, orig_len: int) -> None:
             f"(prefill of {orig_len} tokens plus {total - orig_len} generated); "
             "steps must follow the prefill one after another"
         )
+
+
+def right_padding(mask2d: Tensor | None) -> tuple[int, int] | None:
+    """``(sample, position)`` of the first padding after a token in a 2-D attention mask (right
+    padding, or a hole); None when every row is left-padded (or there is no 2-D mask)."""
+    if mask2d is None or mask2d.dim() != 2:
+        return None
+    valid = mask2d.bool()
+    late = valid.long().cummax(-1).values.bool() & ~valid  # padding after the row's first token
+    if not bool(late.any()):
+        return None
+    sample = int(late.any(-1).nonzero()[0])
+    return sample, int(late[sample].nonzero()[0])
+
+
+def check_left_padded(where: tuple[int, int] | None, call: str) -> None:
+    """A prefill that decode steps continue (``call``: what continues it) is left-padded
+    (``where``: from :func:`right_padding`)."""
+    if where is None:
+        return
+    sample, position = where
+    raise UnsupportedCallError(
+        f"{call} with right padding is not supported while tokenreduce is attached: the attention_mask of "
+        f"sample {sample} has padding at position {position}, after its tokens (transformers itself generates "
+        "wrong tokens after right padding); pad on the left: processor.tokenizer.padding_side='left' (a plain "
+        "forward without a cache accepts right padding)"
+    )
