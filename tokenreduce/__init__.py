@@ -15,15 +15,18 @@ from importlib import metadata as _metadata
 from tokenreduce.api import apply, compile_for
 from tokenreduce.core.arch import ArchSpec
 from tokenreduce.core.errors import (
+    AlreadyAttachedError,
+    ComponentOutputError,
     DuplicateComponentError,
     PlanError,
     PluginLoadError,
+    RegistrationError,
     TokenReduceError,
     UnknownComponentError,
     UnsupportedCallError,
     UnsupportedModelError,
 )
-from tokenreduce.core.plan import LayerAverage, Plan, Ratio, Stage, Tokens, Weight, build_plan
+from tokenreduce.core.plan import ClampWarning, LayerAverage, Plan, Ratio, Stage, Tokens, Weight, build_plan
 from tokenreduce.core.registry import hookimpl, list_components
 from tokenreduce.core.strategy import Scorer, Selector
 from tokenreduce.core.types import Need, Selection, TokenView, Trace
@@ -59,4 +62,8 @@ __all__ = [
     "PluginLoadError",
     "UnsupportedModelError",
     "UnsupportedCallError",
+    "AlreadyAttachedError",
+    "ComponentOutputError",
+    "RegistrationError",
+    "ClampWarning",
 ]

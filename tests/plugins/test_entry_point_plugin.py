@@ -12,7 +12,7 @@ import torch
 
 import tokenreduce
 from tokenreduce import DuplicateComponentError, PlanError, PluginLoadError
-from tokenreduce.core.registry import get_registry, reset_registry
+from tokenreduce.core.registry import STRICT_ENV, broken_plugins, get_registry, reset_registry
 from tokenreduce.core.types import TokenView
 
 GOOD_MODULE = '''
@@ -78,6 +78,12 @@ class MyTopK:
 
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, settings):
+        self.settings = settings
+
+    def select(self, view, scores, keep):
+        raise NotImplementedError
 
 
 @hookimpl
@@ -195,7 +201,9 @@ def test_plugin_runs_in_a_tiny_model(install):
     assert second.kept == [visual[4:6]]
 
 
-def test_broken_plugin_names_its_distribution(install):
+def test_broken_plugin_names_its_distribution_in_strict_mode(install, monkeypatch):
+    # TOKENREDUCE_STRICT_PLUGINS=1: today's fail-fast behaviour
+    monkeypatch.setenv(STRICT_ENV, "1")
     install("tokenreduce-broken-plugin", "broken_tokenreduce_plugin", BROKEN_MODULE, version="1.2.3")
     with pytest.raises(PluginLoadError) as info:
         tokenreduce.list_components()
@@ -210,8 +218,37 @@ def test_broken_plugin_names_its_distribution(install):
         tokenreduce.build_plan({"stages": [{"layer": 1, "keep": 2, "selector": "random"}]})
 
 
-def test_plugin_clashing_with_a_builtin_names_both_origins(install):
+def test_broken_plugin_is_set_aside_and_named(install):
+    # by default the broken plugin is set aside: built-ins work, the plugin is listed with its error
+    install("tokenreduce-broken-plugin", "broken_tokenreduce_plugin", BROKEN_MODULE, version="1.2.3")
+    with pytest.warns(RuntimeWarning, match="tokenreduce-broken-plugin 1.2.3"):
+        names = {c["name"] for c in tokenreduce.list_components()}
+    assert {"topk", "random"} <= names
+    (broken,) = broken_plugins()
+    assert broken["distribution"] == "tokenreduce-broken-plugin 1.2.3" and broken["plugin"] == "fake"
+    assert "a_module_that_is_not_installed_anywhere" in broken["error"]
+    tokenreduce.build_plan({"stages": [{"layer": 1, "keep": 2, "selector": "random"}]})
+    # its component names are unknown: an unknown name carries the plugin's error
+    with pytest.raises(PlanError) as info:
+        tokenreduce.build_plan({"stages": [{"layer": 1, "keep": 2, "selector": "its_selector"}]})
+    msg = str(info.value)
+    assert "unknown selector 'its_selector'" in msg and "tokenreduce-broken-plugin 1.2.3" in msg
+    assert "a_module_that_is_not_installed_anywhere" in msg
+
+
+def test_plugin_clashing_with_a_builtin_names_both_origins(install, monkeypatch):
     install("tokenreduce-fake-clash", "clash_tokenreduce_plugin", CLASH_MODULE)
+    with pytest.warns(RuntimeWarning, match="registered twice"):
+        registry = get_registry()
+    assert registry.get("selector", "topk").origin.startswith("builtin:")  # the built-in keeps its name
+    (broken,) = registry.broken
+    for msg in (broken.message, str(broken.error)):
+        assert "selector 'topk'" in msg
+        assert "builtin:tokenreduce.strategies" in msg
+        assert "tokenreduce-fake-clash 0.0.1" in msg
+    # strict mode: fail fast, as before
+    monkeypatch.setenv(STRICT_ENV, "1")
+    reset_registry()
     with pytest.raises(DuplicateComponentError) as info:
         get_registry()
     msg = str(info.value)

@@ -236,11 +236,12 @@ def test_keep_bool_refused():
     assert "stages.0.keep" in msg and "boolean" in msg
 
 
-@pytest.mark.parametrize("keep", [0.5, 1.0, 64.0])
-def test_float_keep_says_use_ratio(keep):
+@pytest.mark.parametrize(("keep", "suggestion"), [(0.5, "{ratio: 0.5}"), (1.0, "{ratio: 1.0}"), (64.0, "{tokens: 64}")])
+def test_float_keep_suggests_a_valid_form(keep, suggestion):
     msg = plan_error({"stages": [stage(1, keep, selector="random")]})
     assert "stages.0.keep" in msg
-    assert f"{{ratio: {keep}}}" in msg
+    assert suggestion in msg
+    assert "{ratio: 64.0}" not in msg  # issue 16 item 11: never suggest an invalid ratio
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,9 @@ class ScorerA:
     def __init__(self, settings):
         self.settings = settings
 
+    def score(self, view):
+        return view.visual_hidden().float().norm(dim=-1)
+
 
 class SelectorB:
     """Selector B."""
@@ -41,9 +44,15 @@ class SelectorB:
     def __init__(self, settings):
         self.settings = settings
 
+    def select(self, view, scores, keep):
+        raise NotImplementedError
+
 
 class NoSettings:
     """Lacks a Settings model."""
+
+    def score(self, view):
+        raise NotImplementedError
 
 
 class AdapterC:
@@ -68,8 +77,10 @@ class Plugin:
                 getattr(registry, kind)(name, cls)
 
 
-def build(*plugins: tuple[str, object]) -> Registry:
-    return Registry.from_plugin_manager(make_plugin_manager(builtins=list(plugins), entry_points=False))
+def build(*plugins: tuple[str, object], strict: bool = False) -> Registry:
+    """A registry of ``plugins`` alone.  ``strict``: a broken plugin raises (``TOKENREDUCE_STRICT_PLUGINS=1``);
+    otherwise it is set aside (tests/unit/test_misuse_registry.py)."""
+    return Registry.from_plugin_manager(make_plugin_manager(builtins=list(plugins), entry_points=False), strict=strict)
 
 
 # ---------------------------------------------------------------------------- registration
@@ -133,7 +144,7 @@ def test_architecture_registers_its_spec_and_adapter():
     with pytest.raises(UnsupportedModelError, match=r"architecture 'arch_d' .* does not provide vision_flops"):
         spec.vision_flops(None, 4)
     with pytest.raises(TypeError, match="expected an ArchSpec instance"):
-        build(("test:bad", Plugin(lambda r: r.architecture(ArchD))))
+        build(("test:bad", Plugin(lambda r: r.architecture(ArchD))), strict=True)
 
 
 def test_adapter_without_spec_is_named_as_such():
@@ -207,6 +218,8 @@ def test_list_components_output(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- errors
+# Registration errors as raised in strict mode (TOKENREDUCE_STRICT_PLUGINS=1); by default the plugin is set
+# aside instead and the same error is raised when a plan names its component (test_misuse_registry.py).
 
 
 def test_unknown_name_lists_known_ones():
@@ -232,40 +245,48 @@ def test_unknown_name_with_nothing_registered():
 
 def test_duplicate_across_plugins_names_both_origins():
     with pytest.raises(DuplicateComponentError) as info:
-        build(("test:first", Plugin(("scorer", "dup", ScorerA))), ("test:second", Plugin(("scorer", "dup", ScorerA))))
+        build(
+            ("test:first", Plugin(("scorer", "dup", ScorerA))),
+            ("test:second", Plugin(("scorer", "dup", ScorerA))),
+            strict=True,
+        )
     msg = str(info.value)
     assert "scorer 'dup'" in msg and "test:first" in msg and "test:second" in msg
 
 
 def test_duplicate_within_one_plugin():
     with pytest.raises(DuplicateComponentError, match="test:one.*test:one"):
-        build(("test:one", Plugin(("selector", "dup", SelectorB), ("selector", "dup", SelectorB))))
+        build(("test:one", Plugin(("selector", "dup", SelectorB), ("selector", "dup", SelectorB))), strict=True)
 
 
 def test_duplicate_of_a_builtin_names_both_origins():
     from tokenreduce import strategies
 
     with pytest.raises(DuplicateComponentError) as info:
-        build(("builtin:tokenreduce.strategies", strategies), ("test:clash", Plugin(("selector", "topk", SelectorB))))
+        build(
+            ("builtin:tokenreduce.strategies", strategies),
+            ("test:clash", Plugin(("selector", "topk", SelectorB))),
+            strict=True,
+        )
     assert "builtin:tokenreduce.strategies" in str(info.value) and "test:clash" in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["TopK", "1abc", "a-b", "", "with space", "_private", "é"])
 def test_invalid_names_rejected(name):
     with pytest.raises(ValueError) as info:
-        build(("test:bad", Plugin(("scorer", name, ScorerA))))
+        build(("test:bad", Plugin(("scorer", name, ScorerA))), strict=True)
     msg = str(info.value)
     assert repr(name) in msg and "test:bad" in msg and "lower_snake" in msg
 
 
 def test_non_string_name_rejected():
     with pytest.raises(ValueError, match="lower_snake"):
-        build(("test:bad", Plugin(("selector", 3, SelectorB))))
+        build(("test:bad", Plugin(("selector", 3, SelectorB))), strict=True)
 
 
 def test_missing_settings_rejected():
     with pytest.raises(TypeError) as info:
-        build(("test:bad", Plugin(("scorer", "no_settings", NoSettings))))
+        build(("test:bad", Plugin(("scorer", "no_settings", NoSettings))), strict=True)
     msg = str(info.value)
     assert "'no_settings'" in msg and "test:bad" in msg and "Settings" in msg
 
@@ -275,7 +296,7 @@ def test_settings_must_be_a_pydantic_model():
         Settings = dict
 
     with pytest.raises(TypeError, match="pydantic"):
-        build(("test:bad", Plugin(("selector", "dict_settings", DictSettings))))
+        build(("test:bad", Plugin(("selector", "dict_settings", DictSettings))), strict=True)
 
 
 # ---------------------------------------------------------------------------- the default registry

@@ -28,7 +28,20 @@ class DuplicateComponentError(TokenReduceError):
 
 
 class PluginLoadError(TokenReduceError, ImportError):
-    """A plugin entry point failed to import; the message names its distribution."""
+    """A plugin failed to load (its entry point did not import, its hook is misspelled or raised);
+    the message names the plugin and its distribution."""
+
+
+class RegistrationError(TokenReduceError, TypeError, ValueError):
+    """A plugin registered a component that breaks the contract: a name that is not lower_snake, no
+    pydantic ``Settings``, a scorer without ``score()`` or a selector without ``select()``; the
+    message names the component, its class, the plugin it came from and what is missing."""
+
+
+class ComponentOutputError(TokenReduceError, RuntimeError):
+    """A scorer or selector returned something outside the contract during a forward pass (wrong
+    shape or dtype, non-finite scores, a selection of the wrong size); the message names the stage
+    and the component."""
 
 
 class UnsupportedModelError(TokenReduceError, TypeError):
@@ -37,3 +50,8 @@ class UnsupportedModelError(TokenReduceError, TypeError):
 
 class UnsupportedCallError(TokenReduceError, ValueError):
     """A forward/generate argument that the attached model cannot honour (e.g. ``labels``)."""
+
+
+class AlreadyAttachedError(TokenReduceError, RuntimeError):
+    """A model already has an attachment: one attachment per model at a time (the message names
+    the attachment present and the thread that made it)."""

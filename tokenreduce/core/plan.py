@@ -17,7 +17,9 @@ Budgets (``Stage.keep``):
   layer over all L layers equals T (the papers' "64 tokens" is such an average; ``docs/concepts.md``).
 
 Every form becomes an integer per stage and sample: ``1 <= k <= tokens entering the stage``
-(rounding is half-up; a count above what the stage has keeps all of them, documented, no error).
+(rounding is half-up; a count above what the stage has keeps all of them, a ratio rounding to 0
+keeps 1: documented, no error, but recorded in ``StageTrace.requested`` and warned once per plan
+with :class:`ClampWarning`; :meth:`Plan.budget` gives the counts before and after the clamp).
 A keep count of 0 or less is refused: use fewer stages or a smaller ratio instead.
 
 Components are named (``"topk"``, ``{name: pio, loss_positions: 4}``) or given as objects
@@ -30,6 +32,7 @@ import math
 import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import field as dc_field
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
@@ -41,6 +44,11 @@ from .strategy import hook
 from .types import Need
 
 PositionPolicy = Literal["keep", "renumber"]
+
+
+class ClampWarning(UserWarning):
+    """A keep count was clamped to what a stage can keep (at least 1, at most the visual tokens
+    entering it).  Warned once per compiled plan; ``StageTrace.requested`` records every case."""
 
 
 class _Strict(BaseModel):
@@ -57,17 +65,36 @@ class Ratio(_Strict):
     """Keep a fraction of the visual tokens entering the stage (``current``) or of the sample's
     visual tokens before any stage (``original``)."""
 
-    ratio: float = Field(gt=0.0, le=1.0, description="fraction in (0, 1]")
+    ratio: float = Field(gt=0.0, le=1.0, allow_inf_nan=False, description="fraction in (0, 1]")
     of: Literal["current", "original"] = "current"
 
 
 class Weight(_Strict):
     """A share of the plan's ``layer_average`` target (only with ``Plan.layer_average``)."""
 
-    weight: float = Field(gt=0.0)
+    weight: float = Field(gt=0.0, allow_inf_nan=False)
 
 
 KEEP_FORMS = "an integer, {tokens: n}, {ratio: r, of: current|original} or {weight: w}"
+
+
+def _float_keep_message(value: float) -> str:
+    """Why ``keep: <float>`` is refused, with a suggestion that is itself valid."""
+    ratio_or_tokens = "an integer token count (keep: 64, or {tokens: 64}) or {ratio: r} with 0 < r <= 1"
+    if math.isnan(value):
+        return f"keep={value} is not a number: write {ratio_or_tokens}"
+    if math.isinf(value):
+        return f"keep={value} is infinite: write {ratio_or_tokens}"
+    if value <= 0:
+        return f"keep={value} must be positive: write {ratio_or_tokens}"
+    if value == 1:
+        return "keep=1.0 is a float: write {tokens: 1} (or keep: 1) for one token, or {ratio: 1.0} for all of them"
+    if value < 1:
+        return f"keep={value} is a float: write {{ratio: {value}}} for that fraction, or an integer token count"
+    if value.is_integer():
+        n = int(value)
+        return f"keep={value} is a float: write {{tokens: {n}}} (or keep: {n}) for {n} tokens"
+    return f"keep={value} is a float: write {ratio_or_tokens}"
 
 
 def _keep_form(value: Any) -> str | None:
@@ -94,8 +121,8 @@ class LayerAverage(_Strict):
     """Target average visual tokens per decoder layer: ``{tokens: 64}`` or ``{ratio: 0.111}``
     (a fraction of the sample's original visual tokens)."""
 
-    tokens: float | None = Field(default=None, gt=0)
-    ratio: float | None = Field(default=None, gt=0, le=1)
+    tokens: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    ratio: float | None = Field(default=None, gt=0, le=1, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _one_of(self) -> LayerAverage:
@@ -171,7 +198,7 @@ class Stage(_Strict):
         if isinstance(value, int):
             return {"tokens": value}
         if isinstance(value, float):
-            raise ValueError(f"keep={value} is a float: write {{ratio: {value}}} or an integer token count")
+            raise ValueError(_float_keep_message(value))
         return value
 
     @field_validator("scorer", mode="before")
@@ -224,9 +251,17 @@ class Plan(_Strict):
     def keep_counts(self, n_visual: int, n_layers: int) -> list[int]:
         """Integer visual tokens kept by each stage for a sample with ``n_visual`` visual tokens
         in a model of ``n_layers`` decoder layers."""
+        return self.budget(n_visual, n_layers)[1]
+
+    def budget(self, n_visual: int, n_layers: int) -> tuple[list[int], list[int]]:
+        """``(requested, kept)`` per stage for a sample with ``n_visual`` visual tokens:
+        ``requested`` is the stage's ``keep`` as an integer before the clamp (the count, the
+        rounded ratio, the rounded weighted share), ``kept`` that count clamped to at least 1 and
+        at most the visual tokens entering the stage.  They differ where a clamp happened."""
         if n_visual <= 0:
-            return [0] * len(self.stages)
+            return [0] * len(self.stages), [0] * len(self.stages)
         scale = self._weight_scale(n_visual, n_layers) if self.layer_average is not None else None
+        requested: list[int] = []
         counts, current = [], n_visual
         for stage in self.stages:
             k = stage.keep
@@ -237,9 +272,10 @@ class Plan(_Strict):
                 want = _round_half_up(k.ratio * base)
             else:  # Weight (the plan validator ensures layer_average, hence scale)
                 want = _round_half_up(typing.cast(float, scale) * k.weight)
+            requested.append(want)
             current = max(1, min(want, current))
             counts.append(current)
-        return counts
+        return requested, counts
 
     def visual_per_layer(self, n_visual: int, n_layers: int) -> list[int]:
         """Visual tokens each decoder layer sees (length ``n_layers``)."""
@@ -265,12 +301,29 @@ class Plan(_Strict):
         weighted_span = sum((bounds[i + 1] - bounds[i]) * w for i, w in enumerate(weights))
         budget = target * n_layers - first * n_visual
         if budget <= 0 or weighted_span <= 0:
-            raise PlanError(
-                f"layer_average target {target:g} is unreachable: the first {first} layer(s) already see "
-                f"{n_visual} visual tokens each, i.e. an average of at least {first * n_visual / n_layers:g} "
-                f"over {n_layers} layers; cut earlier (stages.0.layer) or raise layer_average"
-            )
+            raise PlanError(self._unreachable(n_layers, n_visual))
         return budget / weighted_span
+
+    def _unreachable(self, n_layers: int, n_visual: int | None = None) -> str:
+        """Why the ``layer_average`` target cannot be met: the layers before the first cut see every
+        visual token.  A ratio target is unreachable or not whatever the visual count; a token
+        target is stated for the sample's actual count ``n_visual``."""
+        avg = typing.cast(LayerAverage, self.layer_average)
+        first = self.stages[0].layer
+        fix = "cut earlier (stages.0.layer) or raise layer_average"
+        if avg.ratio is not None:
+            floor = first / n_layers
+            return (
+                f"layer_average {{ratio: {avg.ratio:g}}} is unreachable: stages.0 cuts before layer {first}, so the "
+                f"first {first} of {n_layers} layers see every visual token and the average is at least "
+                f"{floor:.4g} x the visual tokens; {fix}.ratio above {floor:.4g}"
+            )
+        floor_tokens = first * typing.cast(int, n_visual) / n_layers
+        return (
+            f"layer_average {{tokens: {avg.tokens:g}}} is unreachable for a sample with {n_visual} visual tokens: the "
+            f"first {first} of {n_layers} layers see all {n_visual}, an average of at least {floor_tokens:g} per "
+            f"layer; {fix}.tokens above {floor_tokens:g}"
+        )
 
 
 def _round_half_up(x: float) -> int:
@@ -323,11 +376,17 @@ class CompiledPlan:
     stages: list[CompiledStage]
     n_layers: int | None = None
     adapter_settings: Any = None  # the adapter's validated Settings (None without an adapter)
+    #: set once a :class:`ClampWarning` was shown for this plan (the attachments warn once per plan)
+    clamp_warned: bool = dc_field(default=False, repr=False, compare=False)
 
     def keep_counts(self, n_visual: int) -> list[int]:
+        return self.budget(n_visual)[1]
+
+    def budget(self, n_visual: int) -> tuple[list[int], list[int]]:
+        """``(requested, kept)`` per stage (:meth:`Plan.budget`)."""
         if self.n_layers is None and self.plan.layer_average is not None:
             raise PlanError("this plan's budget is a layer_average: build it with n_layers (the model depth)")
-        return self.plan.keep_counts(n_visual, self.n_layers or 0)
+        return self.plan.budget(n_visual, self.n_layers or 0)
 
 
 def _submodel(annotation: Any) -> type[BaseModel] | None:
@@ -376,6 +435,10 @@ def format_validation_error(exc: ValidationError, prefix: str = "", root: type[B
         )
         path = ".".join(str(p) for p in ((prefix,) if prefix else ()) + loc)
         message = err["msg"]
+        if err["type"] == "finite_number":
+            bad = err.get("input")
+            what = "infinite" if isinstance(bad, (int, float)) and math.isinf(bad) else "not a number"
+            message = f"{what}; it must be a finite number"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(root, raw)
             message = f"unknown key {loc[-1]!r}" + (f"; allowed keys: {', '.join(allowed)}" if allowed else "")
@@ -462,8 +525,10 @@ def build_plan(
                 problem = hook(comp, "check_stage")(cs.layer, n_layers)
                 if problem:
                     raise PlanError(f"stages.{cs.index}.{part} ({getattr(cs.spec, part).name}): {problem}")
-        if plan.layer_average is not None and plan.layer_average.ratio is not None:
-            plan.keep_counts(1000, n_layers)  # raises if the ratio target is unreachable at this depth
+        if plan.layer_average is not None and plan.layer_average.ratio is not None and plan.stages:
+            # a ratio target r is reachable iff r x L > first cut layer, whatever the visual count
+            if plan.layer_average.ratio * n_layers <= plan.stages[0].layer:
+                raise PlanError(plan._unreachable(n_layers))
     if adapter is not None:
         provides = getattr(adapter, "provides", Need.HIDDEN)
         reasons = getattr(adapter, "missing_reasons", {})

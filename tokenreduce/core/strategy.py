@@ -88,7 +88,9 @@ class Strategy(BaseModel):
 class Scorer(Strategy):
     """Scores visual candidates: ``score(view)`` returns ``[B, N]`` float32, higher = keep.
 
-    Values at invalid candidates (``view.visual_valid`` False) are ignored by selectors.
+    Values at invalid candidates (``view.visual_valid`` False) are ignored by selectors; at valid
+    ones they must be finite (the engine refuses NaN, infinite and integer scores).  A subclass
+    must define ``score`` itself: the stub below counts as missing when the class is registered.
     """
 
     def score(self, view: TokenView) -> Tensor:
@@ -101,7 +103,8 @@ class Selector(Strategy):
     ``select(view, scores, keep)``: ``scores`` is ``[B, N]`` float32, or None when the stage has
     no scorer (only for ``needs_scores = False``); ``keep`` is ``[B]`` long with
     ``1 <= keep[b] <= n_visual[b]`` (0 for a sample without visual tokens).  Returns exactly
-    ``keep[b]`` ascending candidate indices per sample.
+    ``keep[b]`` ascending candidate indices per sample.  A subclass must define ``select`` itself:
+    the stub below counts as missing when the class is registered.
     """
 
     #: True: it ranks by scores, so a stage must name a scorer
