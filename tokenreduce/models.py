@@ -17,8 +17,12 @@ kinds:
   copy.  Offline, a repository that is not in the cache fails with a message that says so and
   how to use a local folder.  The architecture is read from the checkpoint's ``config.json``
   before any weight is loaded: a ``model_type`` without a registered architecture fails with the
-  list of supported ones.  :func:`load_pretrained` is the same loader for Python callers (the
-  lmms-eval plugin uses it).
+  list of supported ones.  A folder that is no usable checkpoint (no or a corrupt
+  ``config.json``, no ``model_type``, no weight files, corrupt weights, processor files that do
+  not load; the processor is loaded before the weights) fails with one line naming the folder and
+  what is wrong.  :func:`load_pretrained` is the same loader for Python callers (the lmms-eval
+  plugin uses it); its errors name the caller's own keys (:class:`SourceKeys`: ``source`` for
+  Python, ``model_args pretrained`` for lmms-eval, ``model.path`` on the command line).
 
 Everything model-specific (the ``transformers`` class, the processor, the shapes of synthetic
 inputs, the tiny model) comes from the architecture's
@@ -45,7 +49,7 @@ import importlib.util
 import logging
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,10 +61,15 @@ from tokenreduce.core.arch import ArchSpec
 from tokenreduce.core.errors import TokenReduceError, UnsupportedModelError
 from tokenreduce.core.registry import get_registry
 from tokenreduce.measure.configs import (
+    CLI_KEYS,
+    PYTHON_KEYS,
+    SourceKeys,
+    _first,
     _hub_error,
     _local_folder,
     architectures,
     check_arch,
+    check_weights,
     hf_config,
     pretrained_config,
     resolve_path,
@@ -71,6 +80,7 @@ __all__ = [
     "CHAT_TEMPLATE",
     "ModelSettings",
     "LoadedModel",
+    "SourceKeys",
     "load_model",
     "load_pretrained",
     "pretrained_config",
@@ -167,6 +177,8 @@ class LoadedModel:
         name: display name.
         settings: the validated conf.
         device, dtype, attn_implementation: what was actually used (after the fallbacks).
+        keys: how the caller names the settings (``model.prompt`` on the command line,
+            ``prompt`` for :func:`load_pretrained`), for error messages.
     """
 
     model: Any
@@ -177,6 +189,7 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     attn_implementation: str
+    keys: SourceKeys = field(default=CLI_KEYS)
 
     @property
     def kind(self) -> str:
@@ -220,11 +233,11 @@ class LoadedModel:
         """
         prompt = self.settings.prompt
         if prompt == CHAT_TEMPLATE:
-            return chat_prompt_template(self.processor, self.settings.chat_user, self.name)
+            return chat_prompt_template(self.processor, self.settings.chat_user, self.name, self.keys.prompt)
         if prompt:
             return prompt
         if default is None:
-            raise TokenReduceError(f"model {self.name!r} has no prompt template (set model.prompt)")
+            raise TokenReduceError(f"model {self.name!r} has no prompt template (set {self.keys.prompt})")
         return default
 
     def to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
@@ -269,25 +282,28 @@ def format_settings_error(exc, prefix: str, root: type[BaseModel]) -> str:
     unknown keys list the allowed ones (the same format as plan errors)."""
     from tokenreduce.core.plan import format_validation_error
 
-    body = format_validation_error(exc, prefix=prefix, root=root).split("\n", 1)[1]
+    body = format_validation_error(exc, prefix=prefix, root=root).split("\n", 1)[1].replace(": Value error, ", ": ")
     return (f"invalid {prefix} settings:\n" if prefix else "invalid config:\n") + body
 
 
 # -- resolution of device, dtype, attention, path ------------------------------------------------
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
+def resolve_device(device: str, key: str = "model.device") -> torch.device:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked; ``key``
+    names the setting in errors)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
-    except RuntimeError:
-        raise TokenReduceError(f"model.device={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, TypeError):
+        raise TokenReduceError(f"{key}={device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise TokenReduceError(f"model.device={device!r} but CUDA is not available; use model.device=cpu or auto")
+        raise TokenReduceError(f"{key}={device!r} but CUDA is not available; use {key}=cpu or auto")
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: Any = None) -> torch.dtype:
+def resolve_dtype(
+    dtype: str, device: torch.device, checkpoint_dtype: Any = None, key: str = "model.dtype"
+) -> torch.dtype:
     """``auto`` -> float32 on CPU; on CUDA the checkpoint's half precision (``checkpoint_dtype``,
     the ``torch_dtype``/``dtype`` of its config) when it is float16 or bfloat16, else bfloat16.
     Half precision on a CPU becomes float32 (with a warning): bf16/fp16 matmuls are 5-600x
@@ -300,12 +316,12 @@ def resolve_dtype(dtype: str, device: torch.device, checkpoint_dtype: Any = None
         return checkpoint_dtype if checkpoint_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
     resolved = _DTYPES[dtype]
     if device.type == "cpu" and resolved != torch.float32:
-        log.warning("model.dtype=%s on a CPU: using float32 instead (half precision is 5-600x slower there)", dtype)
+        log.warning("%s=%s on a CPU: using float32 instead (half precision is 5-600x slower there)", key, dtype)
         return torch.float32
     return resolved
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> str:
+def resolve_attn_implementation(requested: str, device: torch.device, key: str = "model.attn_implementation") -> str:
     """``flash_attention_2`` only with CUDA and the ``flash_attn`` package, when asked for or
     ``auto``; ``auto`` otherwise means ``sdpa``; ``sdpa`` and ``eager`` as given."""
     if requested not in ("auto", "flash_attention_2"):
@@ -313,7 +329,7 @@ def resolve_attn_implementation(requested: str, device: torch.device) -> str:
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     if requested == "flash_attention_2":
-        log.warning("model.attn_implementation=flash_attention_2 needs CUDA and the flash_attn package; using sdpa")
+        log.warning("%s=flash_attention_2 needs CUDA and the flash_attn package; using sdpa", key)
     return "sdpa"
 
 
@@ -322,9 +338,12 @@ def _text_config(config):
     return getattr(config, "text_config", None) or config
 
 
-def chat_prompt_template(processor: Any, user: str = DEFAULT_CHAT_USER, name: str = "model") -> str:
+def chat_prompt_template(
+    processor: Any, user: str = DEFAULT_CHAT_USER, name: str = "model", key: str = "model.prompt"
+) -> str:
     """A prompt template from ``processor``'s chat template: one user turn (an image, then the
-    text ``user``, which holds ``{question}``) followed by the generation prompt.
+    text ``user``, which holds ``{question}``) followed by the generation prompt (``key`` names
+    the prompt setting in errors).
 
     Raises:
         TokenReduceError: the processor has no chat template.
@@ -332,7 +351,7 @@ def chat_prompt_template(processor: Any, user: str = DEFAULT_CHAT_USER, name: st
     if processor is None or not getattr(processor, "chat_template", None):
         raise TokenReduceError(
             f"model {name!r}: prompt 'chat_template' needs a processor with a chat template, and this one has none; "
-            "set model.prompt to a template with the image placeholder and {question}"
+            f"set {key} to a template with the image placeholder and {{question}}"
         )
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": _QUESTION_SENTINEL}]}]
     rendered = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
@@ -368,6 +387,7 @@ def load_pretrained(
     device: str = "auto",
     prompt: str | None = CHAT_TEMPLATE,
     name: str | None = None,
+    keys: SourceKeys = PYTHON_KEYS,
 ) -> LoadedModel:
     """Load a real checkpoint with its processor: ``LoadedModel``, ready for ``tokenreduce.apply``.
 
@@ -384,55 +404,87 @@ def load_pretrained(
         prompt: ``chat_template`` (default), a template with the image placeholder and
             ``{question}``, or ``None``.
         name: display name (default: ``source``).
+        keys: how errors name these settings (default: the argument names; the lmms-eval plugin
+            passes its ``model_args`` keys).
 
     Raises:
         UnsupportedModelError: the checkpoint's ``model_type`` has no registered architecture (lists
             the supported ones).
-        TokenReduceError: the folder is missing, or the hub is unreachable and the checkpoint is not cached.
+        TokenReduceError: a bad argument (named); the folder is missing or is no checkpoint (no or
+            a corrupt ``config.json``, no weights, no processor files: one line naming the folder
+            and what is missing); the hub is unreachable and the checkpoint is not cached.
     """
-    config, _ = pretrained_config(source, revision)
+    from pydantic import ValidationError
+
+    if not isinstance(source, (str, Path)):
+        raise TokenReduceError(
+            f"{keys.path} must be a folder or a Hugging Face Hub id (a str or Path); got {type(source).__name__}"
+        )
+    config, _ = pretrained_config(source, revision, keys=keys)
     arch = _arch_of(config, source)
-    local = _local_folder(source)
-    settings = ModelSettings(
-        kind="pretrained",
-        arch=arch,
-        name=name or str(source),
-        path=str(local) if local is not None else None,
-        repo=None if local is not None else str(source),
-        revision=revision,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        device=device,
-        prompt=prompt,
-    )
-    return load_model(settings)
+    local = _local_folder(source, keys)
+    try:
+        settings = ModelSettings(
+            kind="pretrained",
+            arch=arch,
+            name=name or str(source),
+            path=str(local) if local is not None else None,
+            repo=None if local is not None else str(source),
+            revision=revision,
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            device=device,
+            prompt=prompt,
+        )
+    except ValidationError as exc:
+        raise TokenReduceError(_argument_errors(exc, keys)) from None
+    return load_model(settings, keys=keys, label=f"{keys.path}={str(source)!r}")
 
 
-def load_model(model_cfg: Mapping[str, Any] | ModelSettings, name: str | None = None) -> LoadedModel:
+def _argument_errors(exc, keys: SourceKeys) -> str:
+    """A pydantic error on the settings :func:`load_pretrained` builds, with the caller's keys."""
+    parts = []
+    for err in exc.errors():
+        field_name = str(err["loc"][0]) if err["loc"] else "settings"
+        key = getattr(keys, field_name, field_name)
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{key}={err.get('input')!r}: {message}")
+    return "; ".join(parts)
+
+
+def load_model(
+    model_cfg: Mapping[str, Any] | ModelSettings,
+    name: str | None = None,
+    *,
+    keys: SourceKeys = CLI_KEYS,
+    label: str | None = None,
+) -> LoadedModel:
     """Build or load the model a conf describes (see the module docstring).
 
     Args:
         model_cfg: a model conf mapping (validated here) or :class:`ModelSettings`.
         name: display name when the conf has none (the CLI passes the conf's file name).
+        keys: how errors name the settings (default: the command line's ``model.*`` keys).
+        label: how errors name the checkpoint (default: ``<keys.path>=<path>``).
 
     Returns:
         a :class:`LoadedModel` in eval mode.
     """
     settings = model_cfg if isinstance(model_cfg, ModelSettings) else _validate(model_cfg)
-    device = resolve_device(settings.device)
-    attn = resolve_attn_implementation(settings.attn_implementation, device)
+    device = resolve_device(settings.device, keys.device)
+    attn = resolve_attn_implementation(settings.attn_implementation, device, keys.attn_implementation)
     display = settings.name or name or settings.arch
     if settings.kind == "tiny":
-        dtype = resolve_dtype(settings.dtype, device)
+        dtype = resolve_dtype(settings.dtype, device, key=keys.dtype)
         model, processor = _load_tiny(settings, attn, dtype)
         model = model.to(device)
     elif settings.kind == "config":
-        dtype = resolve_dtype(settings.dtype, device)
+        dtype = resolve_dtype(settings.dtype, device, key=keys.dtype)
         model, processor = _load_config(settings, attn, dtype, device), None
     else:
-        model, processor, dtype = _load_pretrained(settings, attn, device)
+        model, processor, dtype = _load_pretrained(settings, attn, device, keys, label)
     model.eval()
-    return LoadedModel(model, processor, settings.arch, display, settings, device, dtype, attn)
+    return LoadedModel(model, processor, settings.arch, display, settings, device, dtype, attn, keys)
 
 
 def _validate(model_cfg: Mapping[str, Any]) -> ModelSettings:
@@ -471,38 +523,58 @@ def _load_config(settings: ModelSettings, attn: str, dtype: torch.dtype, device:
     return model
 
 
-def _load_pretrained(settings: ModelSettings, attn: str, device: torch.device):
+def _load_pretrained(
+    settings: ModelSettings, attn: str, device: torch.device, keys: SourceKeys = CLI_KEYS, label: str | None = None
+):
     if settings.text_layers is not None:
         raise TokenReduceError("model.text_layers cannot shorten a pretrained model; use kind config for fewer layers")
-    source = resolve_path(settings.path) if settings.path else settings.repo
-    config, source = pretrained_config(source, None if settings.path else settings.revision)
+    given = settings.path or settings.repo
+    label = label or f"{keys.path if settings.path else keys.repo}={given!r}"
+    source = resolve_path(settings.path, keys.path) if settings.path else settings.repo
+    config, source = pretrained_config(source, None if settings.path else settings.revision, keys=keys)
     arch = _arch_of(config, source)
     if arch != settings.arch:
         raise TokenReduceError(f"{source}: model_type {arch!r} does not match model.arch={settings.arch!r}")
     dtype = resolve_dtype(
-        settings.dtype, device, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        settings.dtype, device, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None), keys.dtype
     )
     # a hub repository is in the local cache now (config.json came from it), or the hub is reachable
     hub = {} if settings.path else {"revision": settings.revision}
     local = {"local_files_only": True} if settings.path else {}
+    if settings.path:
+        check_weights(Path(source), label)
     spec = get_registry().spec_for(arch)
-    cls = spec.model_class()
-    try:
-        model = cls.from_pretrained(source, dtype=dtype, attn_implementation=attn, **hub, **local)
-    except OSError as exc:
-        if settings.path:
-            raise TokenReduceError(f"{source}: could not load the model: {exc}") from None
-        raise TokenReduceError(_hub_error(str(source), settings.revision, exc)) from None
-    model = model.to(device)
+    # the processor first: its files are small, so a folder without them fails before the weights load
     from transformers import ProcessorMixin
 
     try:
         processor = spec.load_processor(source, **hub, **local)
         problem = None if isinstance(processor, ProcessorMixin) else f"the loader gave a {type(processor).__name__}"
+    except OSError as exc:
+        if not settings.path:  # a hub repository: not cached and the hub unreachable, gated, ...
+            raise TokenReduceError(_hub_error(str(source), settings.revision, exc, keys)) from None
+        processor, problem = None, _first(exc)
     except Exception as exc:  # noqa: BLE001 - any failure of a processor's files or its dependencies
-        processor, problem = None, str(exc)
+        processor, problem = None, _first(exc)
     if problem is not None:
-        raise TokenReduceError(f"{source}: could not load the processor: {problem}")
+        raise TokenReduceError(
+            f"{label}: could not load the processor (tokenizer and image processor files) from {source}: {problem}"
+        )
+    cls = spec.model_class()
+    try:
+        model = cls.from_pretrained(source, dtype=dtype, attn_implementation=attn, **hub, **local)
+    except TokenReduceError:
+        raise
+    except OSError as exc:
+        if settings.path:
+            raise TokenReduceError(f"{label}: could not load the weights from {source}: {_first(exc)}") from None
+        raise TokenReduceError(_hub_error(str(source), settings.revision, exc, keys)) from None
+    except Exception as exc:  # noqa: BLE001 - corrupt or truncated weight files fail in many ways
+        raise TokenReduceError(
+            f"{label}: the weights in {source} are corrupt or incomplete ({type(exc).__name__}: {_first(exc)}); "
+            "copy or download the checkpoint again"
+        ) from None
+    model = model.to(device)
     return model, processor, dtype
 
 

@@ -81,7 +81,7 @@ def test_load_pretrained_from_a_local_folder_picks_arch_dtype_attention_and_chat
 def test_chat_template_prompt_without_a_template_is_a_clear_error(tmp_path):
     save_tiny(tmp_path, "llava", chat_template=False)
     loaded = load_pretrained(tmp_path)
-    with pytest.raises(TokenReduceError, match="needs a processor with a chat template.*set model.prompt"):
+    with pytest.raises(TokenReduceError, match="needs a processor with a chat template.*set prompt"):
         loaded.prompt_template()
     assert load_pretrained(tmp_path, prompt="USER: <image> {question} ASSISTANT:").prompt_template() == (
         "USER: <image> {question} ASSISTANT:"

@@ -50,6 +50,7 @@ __all__ = [
     "SuiteSettings",
     "compose_config",
     "main",
+    "one_line",
     "out_dir",
     "resolve_plans",
     "setup",
@@ -99,5 +100,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return handler_fn(rest)
     except TokenReduceError as exc:
-        print(f"tokenreduce {command}: error: {exc}", file=sys.stderr)
+        print(f"tokenreduce {command}: error: {one_line(str(exc))}", file=sys.stderr)
         return 1
+    except OSError as exc:  # a file the command reads or writes (disk full, permissions): no traceback
+        print(f"tokenreduce {command}: error: {one_line(str(exc)) or type(exc).__name__}", file=sys.stderr)
+        return 1
+
+
+def one_line(message: str) -> str:
+    """A possibly multi-line error message on one line: ``header: a; b`` for a header followed by
+    one line per field (the pydantic and plan errors)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    head, rest = lines[0], "; ".join(lines[1:])
+    return f"{head} {rest}" if head.endswith(":") else f"{head}; {rest}"

@@ -17,8 +17,15 @@ def cmd_plans(argv: Sequence[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="tokenreduce plans", description="keep counts and layer averages of presets")
     parser.add_argument("names", nargs="*", help="presets (default: all)")
-    parser.add_argument("--depth", type=int, default=32, help="decoder layers (LLaVA-1.5-7B: 32)")
-    parser.add_argument("--visual", type=int, default=576, help="visual tokens entering the LLM (LLaVA-1.5: 576)")
+    parser.add_argument(
+        "--depth", type=_positive("decoder layers"), default=32, help="decoder layers, >= 1 (LLaVA-1.5-7B: 32)"
+    )
+    parser.add_argument(
+        "--visual",
+        type=_positive("visual tokens"),
+        default=576,
+        help="visual tokens entering the LLM, >= 1 (LLaVA-1.5: 576)",
+    )
     args = parser.parse_args(argv)
     rows = []
     for name in args.names or preset_names("plan"):
@@ -35,3 +42,19 @@ def cmd_plans(argv: Sequence[str]) -> int:
     print(f"depth {args.depth}, {args.visual} visual tokens (layer average = mean visual tokens per decoder layer)")
     print(format_table(rows, ["preset", "layers", "keep", "layer avg", "of visual"]))
     return 0
+
+
+def _positive(what: str):
+    """An argparse ``type``: an integer >= 1 (argparse names the option in its usage error)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1 ({what}); got {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be an integer >= 1 ({what}); got {value}")
+        return value
+
+    return parse

@@ -14,7 +14,7 @@ __all__ = ["cmd_viz"]
 
 def cmd_viz(overrides: Sequence[str]) -> int:
     from tokenreduce.measure.tasks import format_prompt
-    from tokenreduce.viz import visualize
+    from tokenreduce.measure.viz import visualize
 
     ctx = setup("viz", overrides)
     plans = resolve_plans(ctx)

@@ -24,10 +24,16 @@ forked::
 - ``max_new_tokens``: when a task gives none (default 128).
 - ``trace_file``: append one JSON line per request (task, doc id, visual tokens per decoder layer,
   layer average) to this file, so the tokens each plan really kept are on record.
-- ``batch_size`` (lmms-eval's ``--batch_size``, an integer): requests per ``generate()`` call.
+- ``batch_size`` (lmms-eval's ``--batch_size``, a positive integer): requests per ``generate()`` call.
   Requests are grouped by generation settings and by their number of images, then batched with
   left padding; every sample is budgeted on its own visual-token count, so a batch computes what
   its samples compute alone (up to float rounding).
+
+Errors are one line and name these keys (``model_args pretrained='...'``, ``model_args plan=...``,
+``model_args device=...``; :data:`KEYS` is how the loader is told), never the command line's
+``model.path``: a ``pretrained`` folder that is no usable checkpoint (empty, a corrupt
+``config.json``, no weights, ...) says which folder and what is wrong, and a plan file or a
+``trace_file`` that cannot be used stops the run before the model is loaded.
 
 What is implemented: ``generate_until`` (greedy or sampling; ``until`` stop strings cut the
 decoded text; one or several images per request, or none) and ``loglikelihood`` (the
@@ -49,12 +55,24 @@ from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from tokenreduce.core.errors import TokenReduceError
+from tokenreduce.core.errors import PlanError, TokenReduceError
+from tokenreduce.measure.configs import SourceKeys
 
-__all__ = ["ModelArgs", "TokenReduceLMM", "manifests", "MODEL_NAME"]
+__all__ = ["KEYS", "ModelArgs", "TokenReduceLMM", "manifests", "MODEL_NAME"]
 
 #: the name lmms-eval knows this model by (``--model tokenreduce``)
 MODEL_NAME = "tokenreduce"
+#: how the loader's errors name the settings here: by their model_args keys
+KEYS = SourceKeys(
+    path="model_args pretrained",
+    repo="model_args pretrained",
+    revision="model_args revision",
+    device="model_args device",
+    dtype="model_args dtype",
+    attn_implementation="model_args attn_implementation",
+    prompt="model_args prompt",
+    use_folder="--model_args pretrained=DIR",
+)
 
 
 def manifests():
@@ -83,8 +101,17 @@ class ModelArgs(BaseModel):
     @field_validator("batch_size", mode="before")
     @classmethod
     def _integer_batch(cls, value: Any) -> Any:
-        if isinstance(value, str) and not value.strip().isdigit():
-            raise ValueError(f"must be an integer (batch_size 'auto' is not supported); got {value!r}")
+        allowed = "must be a positive integer (requests per generate() call)"
+        if isinstance(value, str):
+            text = value.strip()
+            if text.lower().startswith("auto"):
+                raise ValueError(f"{allowed}; batch_size 'auto' is not supported")
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(allowed) from None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(allowed)
         return value
 
 
@@ -104,7 +131,10 @@ def _parse_args(kwargs: dict[str, Any]) -> ModelArgs:
             elif err["type"] == "missing":
                 lines.append(f"  {key}: required (e.g. pretrained=llava-hf/llava-1.5-7b-hf)")
             else:
-                lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+                message = err["msg"].removeprefix("Value error, ")
+                lines.append(f"  {key}: {message} (got {err.get('input')!r})")
+        if len(lines) == 1:
+            raise TokenReduceError(f"invalid --model_args for --model {MODEL_NAME}: {lines[0].strip()}") from None
         raise TokenReduceError(f"invalid --model_args for --model {MODEL_NAME}:\n" + "\n".join(lines)) from None
 
 
@@ -116,15 +146,46 @@ def _load_plan(spec: str | None):
     from tokenreduce.core.presets import load_preset
 
     path = Path(spec).expanduser()
-    if spec.endswith((".yaml", ".yml")) or path.is_file():
-        import yaml
+    try:
+        if spec.endswith((".yaml", ".yml")) or path.is_file():
+            import yaml
 
-        if not path.is_file():
-            raise TokenReduceError(f"model_args plan={spec!r}: no such plan file")
-        data = yaml.safe_load(path.read_text()) or {}
-        data.setdefault("name", path.stem)
-        return parse_plan(data)
-    return load_preset(spec)
+            if not path.is_file():
+                raise TokenReduceError(f"model_args plan={spec!r}: no such plan file")
+            try:
+                data = yaml.safe_load(path.read_text()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as exc:
+                problem = " ".join(str(exc).split())
+                raise TokenReduceError(
+                    f"model_args plan={spec!r}: the plan file is not valid YAML ({problem})"
+                ) from None
+            if not isinstance(data, dict):
+                raise TokenReduceError(
+                    f"model_args plan={spec!r}: the plan file holds a {type(data).__name__}, not a plan (a mapping)"
+                )
+            data.setdefault("name", path.stem)
+            return parse_plan(data)
+        return load_preset(spec)
+    except PlanError as exc:
+        raise PlanError(f"model_args plan={spec!r}: {exc}") from None
+
+
+def _check_trace_file(name: str) -> None:
+    """``trace_file`` can be appended to (checked before the model is loaded, not after the first
+    batch); an existing file is left as it is."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        raise TokenReduceError(f"model_args trace_file={name!r} is a folder; give a file (lines are appended)")
+    existed = path.exists()
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise TokenReduceError(
+            f"model_args trace_file={name!r}: cannot write it ({exc.strerror or exc}); give a file in a writable folder"
+        ) from None
+    if not existed:
+        path.unlink()
 
 
 class TokenReduceLMM(lmms):
@@ -139,6 +200,8 @@ class TokenReduceLMM(lmms):
 
         self.args = _parse_args(kwargs)
         self.plan = _load_plan(self.args.plan)
+        if self.args.trace_file is not None:
+            _check_trace_file(self.args.trace_file)
         self.loaded = load_pretrained(
             self.args.pretrained,
             revision=self.args.revision,
@@ -146,9 +209,13 @@ class TokenReduceLMM(lmms):
             attn_implementation=self.args.attn_implementation,
             device=self.args.device,
             prompt=self.args.prompt,
+            keys=KEYS,
         )
         if self.plan is not None:
-            compile_for(self.loaded.model, self.plan)  # a plan the model cannot run fails here, not mid-evaluation
+            try:  # a plan the model cannot run fails here, not mid-evaluation
+                compile_for(self.loaded.model, self.plan)
+            except PlanError as exc:
+                raise PlanError(f"model_args plan={self.args.plan!r}: {exc}") from None
         self.template = self.loaded.prompt_template()
         self.spec = self.loaded.spec
         self.placeholder = self.spec.image_placeholder

@@ -24,14 +24,16 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.resources
+import json
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-from tokenreduce.core.errors import PlanError, TokenReduceError
+from tokenreduce.core.errors import PlanError, TokenReduceError, UnsupportedModelError
 from tokenreduce.core.presets import compose, conf_dir, preset_names
 from tokenreduce.core.registry import get_registry
 
@@ -155,8 +157,10 @@ def hf_config(model_cfg: Mapping[str, Any]) -> PretrainedConfig:
                 data.pop("layer_types", None)
         try:
             return AutoConfig.for_model(model_type, **data)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise ValueError(f"model.hf_config: transformers could not build a {model_type!r} config: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - transformers' own validation errors are of many types
+            raise ValueError(
+                f"model.hf_config: transformers could not build a {model_type!r} config: {_first(exc)}"
+            ) from None
 
     if kind == "pretrained":
         source = model_cfg.get("path") or model_cfg.get("repo")
@@ -185,62 +189,190 @@ def real_config(name: str) -> PretrainedConfig:
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
-def resolve_path(path: str) -> Path:
+@dataclass(frozen=True)
+class SourceKeys:
+    """How a caller names the settings of a checkpoint, so that an error names the caller's own
+    key: the command line's ``model.*`` keys (:data:`CLI_KEYS`, the default), the arguments of
+    :func:`tokenreduce.models.load_pretrained` (:data:`PYTHON_KEYS`) or lmms-eval's ``model_args``.
+
+    ``use_folder`` says how to point at a local folder (shown in the hub's offline message).
+    """
+
+    path: str = "model.path"
+    repo: str = "model.repo"
+    revision: str = "model.revision"
+    device: str = "model.device"
+    dtype: str = "model.dtype"
+    attn_implementation: str = "model.attn_implementation"
+    prompt: str = "model.prompt"
+    use_folder: str = "model.path=DIR on the command line"
+
+
+#: the command line's model conf keys
+CLI_KEYS = SourceKeys()
+#: the arguments of :func:`tokenreduce.models.load_pretrained`
+PYTHON_KEYS = SourceKeys(
+    path="source",
+    repo="source",
+    revision="revision",
+    device="device",
+    dtype="dtype",
+    attn_implementation="attn_implementation",
+    prompt="prompt",
+    use_folder="load_pretrained('DIR') in Python",
+)
+#: the files of a checkpoint's weights that ``from_pretrained`` reads (any one of them)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5")
+
+
+def resolve_path(path: str, key: str = "model.path") -> Path:
     """A model folder: ``pkg:<package>/<sub/folder>`` inside an installed package, else a local
-    path (``~`` expanded; relative to the working directory)."""
+    path (``~`` expanded; relative to the working directory).  ``key`` names the setting in errors.
+
+    Raises:
+        TokenReduceError: the package is not installed; no such folder; a file instead of a folder.
+    """
     if path.startswith("pkg:"):
         package, _, sub = path[4:].partition("/")
         try:
             root = importlib.resources.files(package)
         except (ModuleNotFoundError, TypeError):
-            raise TokenReduceError(f"model.path={path!r}: package {package!r} is not installed") from None
+            raise TokenReduceError(f"{key}={path!r}: package {package!r} is not installed") from None
         folder = Path(str(root.joinpath(sub)))
     else:
         folder = Path(path).expanduser()
-    if not folder.is_dir():
+    if folder.is_file():
         raise TokenReduceError(
-            f"model.path={path!r}: no such folder ({folder.resolve()}); models load from local folders only"
+            f"{key}={path!r} is a file ({folder.resolve()}); give the checkpoint's folder (with config.json, the "
+            "weights and the processor files)"
         )
+    if not folder.is_dir():
+        raise TokenReduceError(f"{key}={path!r}: no such folder ({folder.resolve()})")
     return folder
 
 
-def pretrained_config(source: str | Path, revision: str | None = None):
+def pretrained_config(source: str | Path, revision: str | None = None, *, keys: SourceKeys = CLI_KEYS):
     """The ``transformers`` config of a checkpoint (a local folder, ``pkg:...`` or a Hub id),
     with the hub errors turned into messages that say what to do.
 
-    A local folder (or ``pkg:``) is read with ``local_files_only``; anything else is treated as
-    a Hub repository id and resolved through the Hugging Face cache (downloading only
-    ``config.json`` when the hub is reachable).
+    A local folder (or ``pkg:``) is read with ``local_files_only``, after checking that its
+    ``config.json`` is there, is valid JSON and names a ``model_type`` that transformers knows
+    (:func:`read_local_config`); anything else is treated as a Hub repository id and resolved
+    through the Hugging Face cache (downloading only ``config.json`` when the hub is reachable).
+    ``keys`` names the caller's settings in the errors.
+
+    Returns:
+        ``(config, source)``: the config and the folder (a ``Path``) or the repository id.
 
     Raises:
-        TokenReduceError: no such folder; the hub is unreachable (offline) and the repository is not
-            cached; the repository does not exist or needs a login.
+        TokenReduceError: no such folder, or a folder that is no checkpoint (no or a corrupt
+            ``config.json``, no ``model_type``); the hub is unreachable (offline) and the
+            repository is not cached; the repository does not exist or needs a login.
+        UnsupportedModelError: a ``model_type`` that transformers does not know.
     """
     from transformers import AutoConfig
 
-    local = _local_folder(source)
+    local = _local_folder(source, keys)
     if local is not None:
-        return AutoConfig.from_pretrained(local, local_files_only=True), local
+        return read_local_config(local, f"{keys.path}={str(source)!r}"), local
     repo = str(source)
     try:
         return AutoConfig.from_pretrained(repo, revision=revision), repo
     except OSError as exc:
-        raise TokenReduceError(_hub_error(repo, revision, exc)) from None
+        raise TokenReduceError(_hub_error(repo, revision, exc, keys)) from None
+    except (ValueError, KeyError, TypeError) as exc:  # a config.json in the cache that transformers cannot read
+        raise TokenReduceError(
+            f"{keys.repo}={repo!r}: transformers could not read its config.json: {_first(exc)}"
+        ) from None
 
 
-def _local_folder(source: str | Path) -> Path | None:
+def read_local_config(folder: Path, label: str) -> PretrainedConfig:
+    """The config of the checkpoint folder ``folder``, with one-line errors (``label`` first) for
+    a folder that is no checkpoint: no ``config.json``, a corrupt one, no ``model_type``, a
+    ``model_type`` that transformers does not know."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    file = folder / "config.json"
+    if not file.is_file():
+        raise TokenReduceError(
+            f"{label}: the folder {folder} has no config.json ({_contents(folder)}), so it is no Hugging Face "
+            "checkpoint; a checkpoint folder holds config.json, the weights (*.safetensors) and the processor files "
+            "(save_pretrained() of the model and its processor, or `hf download <repo> --local-dir DIR`)"
+        )
+    try:
+        data = json.loads(file.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8 text"
+        raise TokenReduceError(
+            f"{label}: {file} is not valid JSON ({reason}{where}); the checkpoint is corrupt or incomplete: copy or "
+            "download its config.json again"
+        ) from None
+    if not isinstance(data, dict):
+        raise TokenReduceError(f"{label}: {file} holds a JSON {type(data).__name__}, not an object (a model config)")
+    model_type = data.get("model_type")
+    supported = ", ".join(architectures())
+    if not isinstance(model_type, str) or not model_type:
+        raise TokenReduceError(
+            f"{label}: {file} has no model_type (the architecture; supported model types: {supported}), so it is no "
+            "transformers model config"
+        )
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedModelError(
+            f"{label}: {file} has model_type {model_type!r}, which transformers does not know; supported model "
+            f"types: {supported}"
+        )
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to build the config from a present, parsed file
+        raise TokenReduceError(f"{label}: transformers could not read {file}: {_first(exc)}") from None
+
+
+def check_weights(folder: Path, label: str) -> None:
+    """A one-line error (``label`` first) when the checkpoint folder ``folder`` holds no weight file."""
+    if not any(p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) for p in folder.iterdir()):
+        raise TokenReduceError(
+            f"{label}: the folder {folder} has a config.json but no weights (no *.safetensors or pytorch_model.bin; "
+            f"{_contents(folder)}); copy or download the checkpoint again"
+        )
+
+
+def _contents(folder: Path, limit: int = 6) -> str:
+    """``"it is empty"`` or the first names in ``folder``."""
+    try:
+        names = sorted(p.name for p in folder.iterdir())
+    except OSError as exc:
+        return f"unreadable: {exc.strerror or exc}"
+    if not names:
+        return "it is empty"
+    shown = ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return f"it holds {shown}"
+
+
+def _first(exc: BaseException, limit: int = 300) -> str:
+    """An exception's message on one line (lines joined, cut at ``limit`` characters; its type when
+    it has none)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _local_folder(source: str | Path, keys: SourceKeys = CLI_KEYS) -> Path | None:
     """``source`` as a local folder (``pkg:`` resolved), or ``None`` when it is a Hub id."""
     text = str(source)
-    if isinstance(source, Path) or text.startswith(("pkg:", "/", ".", "~")) or Path(text).expanduser().is_dir():
-        return resolve_path(text)
-    if text.count("/") > 1 or not text.strip("/"):
+    if isinstance(source, Path) or text.startswith(("pkg:", "/", ".", "~")) or Path(text).expanduser().exists():
+        return resolve_path(text, keys.path)
+    if text.count("/") > 1 or not text.strip("/") or not text.strip():
         raise TokenReduceError(
-            f"{text!r} is neither a local folder nor a Hugging Face Hub id (org/name); models load from one of the two"
+            f"{keys.path}={text!r} is neither a local folder nor a Hugging Face Hub id (org/name); models load from "
+            "one of the two"
         )
     return None
 
 
-def _hub_error(repo: str, revision: str | None, exc: OSError) -> str:
+def _hub_error(repo: str, revision: str | None, exc: OSError, keys: SourceKeys = CLI_KEYS) -> str:
     """A clear message for a failed hub lookup of ``repo`` (offline, unknown, gated)."""
     from huggingface_hub import constants
 
@@ -252,8 +384,10 @@ def _hub_error(repo: str, revision: str | None, exc: OSError) -> str:
             f"cannot load {repo!r}{at}: the Hugging Face Hub is unreachable (offline"
             f"{', HF_HUB_OFFLINE is set' if constants.HF_HUB_OFFLINE else ''}) and the checkpoint is not in the local "
             f"cache ({constants.HF_HUB_CACHE}). Download it where the hub is reachable (`hf download {repo} "
-            f"--local-dir DIR`), copy DIR here and point at it: model.path=DIR on the command line, "
-            f"pretrained=DIR for lmms-eval, load_pretrained('DIR') in Python; or set HF_HOME to a cache that holds it."
+            f"--local-dir DIR`), copy DIR here and point at it with {keys.use_folder}; or set HF_HOME to a cache "
+            "that holds it."
         )
     first = message.splitlines()[0] if message else repr(exc)
-    return f"cannot load {repo!r}{at} from the Hugging Face Hub ({repo!r} is no local folder either): {first}"
+    return (
+        f"cannot load {keys.repo}={repo!r}{at} from the Hugging Face Hub ({repo!r} is no local folder either): {first}"
+    )
