@@ -167,15 +167,27 @@ def test_training_runs_from_the_checkout_and_the_old_module_forwards_with_a_warn
     )
     assert as_file.returncode == 0, as_file.stderr
     assert "--vision-pretrain-steps" in as_file.stdout and "python -m tools.reference.train" in as_file.stdout
-    old = subprocess.run(
+    old = subprocess.run(  # at the root of a checkout, as the model cards say (editable install or not)
         [sys.executable, "-m", "tokenreduce.reference.train", "--help"],
-        cwd=tmp_path,
+        cwd=root,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert old.returncode == 0, old.stderr
     assert "--vision-pretrain-steps" in old.stdout and "DeprecationWarning" in old.stderr
+    # outside a checkout, with the package installed elsewhere: a clear error, not a traceback
+    from tokenreduce.reference import train as shim
+
+    if not (Path(shim.__file__).resolve().parents[2] / "tools").is_dir():
+        gone = subprocess.run(
+            [sys.executable, "-m", "tokenreduce.reference.train", "--help"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert gone.returncode == 2 and "python -m tools.reference.train" in gone.stderr
 
 
 def test_the_old_build_module_keeps_the_processor_and_points_to_tools():

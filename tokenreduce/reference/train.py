@@ -15,9 +15,11 @@ __all__ = ["main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Forward to ``tools.reference.train.main`` of the checkout this package sits in."""
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "tools" / "reference" / "train.py").is_file():
+    """Forward to ``tools.reference.train.main`` of the checkout this package sits in (an
+    editable install), else of the checkout in the working directory."""
+    roots = [Path(__file__).resolve().parents[2], Path.cwd()]
+    root = next((r for r in roots if (r / "tools" / "reference" / "train.py").is_file()), None)
+    if root is None:
         print(
             "tokenreduce.reference.train moved to tools/reference/train.py of the tokenreduce repository "
             "(not installed): run `python -m tools.reference.train` at the root of a checkout",
