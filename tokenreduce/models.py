@@ -1,46 +1,9 @@
-"""Loading the models the command line and the measurements run on, from a model conf.
-
-A model conf (``conf/model/*.yaml``, validated by :class:`ModelSettings`) names one of three
-kinds:
-
-* ``tiny``: a tiny random-weight VLM built in code (:func:`tokenreduce.testing.tiny.build_tiny`)
-  with its local processor: seconds on a CPU, for tests and demos;
-* ``config``: random weights of a real architecture (``hf_config``, optionally with fewer decoder
-  layers, ``text_layers``) built in code in the configured dtype, seeded.  There is no processor:
-  :meth:`LoadedModel.synthetic_inputs` builds inputs of the right shapes (random pixels plus input
-  ids with the right number of image tokens), so speed can be measured without weights;
-* ``pretrained``: ``from_pretrained`` of a checkpoint, model and processor: a local folder
-  (``path``; ``pkg:<package>/<folder>`` names a folder shipped inside an installed package, e.g.
-  ``pkg:tokenreduce.reference/models/<name>``) or a Hugging Face Hub repository (``repo``, e.g.
-  ``llava-hf/llava-1.5-7b-hf``, at ``revision``; downloaded into the Hugging Face cache on first
-  use).  ``path`` wins when both are given, so ``model.path=DIR`` points a hub conf at a local
-  copy.  Offline, a repository that is not in the cache fails with a message that says so and
-  how to use a local folder.  The architecture is read from the checkpoint's ``config.json``
-  before any weight is loaded: a ``model_type`` without a registered architecture fails with the
-  list of supported ones.  A folder that is no usable checkpoint (no or a corrupt
-  ``config.json``, no ``model_type``, no weight files, corrupt weights, processor files that do
-  not load; the processor is loaded before the weights) fails with one line naming the folder and
-  what is wrong.  :func:`load_pretrained` is the same loader for Python callers (the lmms-eval
-  plugin uses it); its errors name the caller's own keys (:class:`SourceKeys`: ``source`` for
-  Python, ``model_args pretrained`` for lmms-eval, ``model.path`` on the command line).
-
-Everything model-specific (the ``transformers`` class, the processor, the shapes of synthetic
-inputs, the tiny model) comes from the architecture's
-:class:`~tokenreduce.core.arch.ArchSpec`, registered under its ``config.model_type``
-(``docs/writing-an-adapter.md``); ``arch`` is that model type.
-
-Prompts: a conf's ``prompt`` is a template with the image placeholder and ``{question}``; the
-value ``chat_template`` builds it from the processor's own chat template (one user turn: the
-image, then ``chat_user``), which is what the real checkpoints were tuned on
-(:meth:`LoadedModel.prompt_template`).
-
-Attention implementation: ``flash_attention_2`` is used only when CUDA and the ``flash_attn``
-package are present and the conf asks for it or says ``auto``; otherwise ``auto`` means ``sdpa``
-and a request for ``flash_attention_2`` falls back to ``sdpa`` with a logged warning.  Dtype
-``auto``: float32 on a CPU; on CUDA the checkpoint's own half precision (``torch_dtype`` of its
-config: float16 for the llava-hf checkpoints, bfloat16 for Qwen2.5-VL), else bfloat16.  Half
-precision on a CPU (5-600x slower than fp32 there) is replaced by float32 with a warning; the
-dtype actually used is recorded in :meth:`LoadedModel.describe`.
+"""Loading the models the command line and the measurements run on, from a model conf
+(:class:`ModelSettings`): ``tiny`` (built in code), ``config`` (random weights of a real
+architecture, synthetic inputs) or ``pretrained`` (a local folder or a Hub checkpoint, with its
+processor; :func:`load_pretrained` for Python callers).  Everything model-specific comes from
+the architecture's :class:`~tokenreduce.core.arch.ArchSpec`.  Kinds, prompts, device, dtype,
+attention and the errors for broken folders: ``docs/cli.md`` (Models and prompts).
 """
 
 from __future__ import annotations

@@ -1,40 +1,10 @@
-"""Vision-tower signals for encoder-side methods, recomputed from captured layer inputs.
-
-Encoder-side methods (VisionZip, SCOPE, HoloV, PIO's encoder-involved mode) read the vision
-tower: the attention the CLS token pays to each patch at some encoder layer, the patch keys at
-a layer, the vision features the projector receives (and, for VisionZip, the CLS token's feature
-at that layer, which LLaVA drops).  The official implementations switch the
-vision tower to eager attention and ask for ``output_attentions``.  We do not: forward
-pre-hooks on the chosen CLIP encoder layers keep a reference to each layer's **input**
-(``[I, 1 + P, d_v]`` for ``I`` images of ``P`` patches), and the needed rows are recomputed
-from the layer's own ``layer_norm1`` and ``q_proj``/``k_proj``: one CLS query row against the
-``1 + P`` keys per image and head, never a ``(1+P) x (1+P)`` matrix (as FastV's rows in the
-LLM).  The tower keeps running whatever attention implementation it was loaded
-with (sdpa, flash-attention).
-
-Timing: ``generate()`` (transformers 5.x) runs the vision tower *before* the top-level forward
-of the prefill (it passes the encoder outputs in); a direct ``model(**inputs)`` call runs it
-inside.  Either way the tower runs before the first decoder layer, so the stage at layer 0
-finds the captured inputs of the current images.  A new tower call replaces the capture.
-
-Mapping onto candidates: images are encoded in input order (sample-major) and, with
-``vision_feature_select_strategy="default"``, image ``i``'s patch ``j`` becomes the ``j``-th
-visual token of the ``i``-th image run.  At a layer-0 stage that is the first stage of a plan,
-the candidates of sample ``b`` are exactly its image tokens in order, so candidate ``n`` of
-sample ``b`` is flat patch ``(images before b) * P + n``.
-
-Which layers are captured: only when a stage's scorer or selector needs a ``Need.VISION_*``
-signal; each such component may say which vision layers it reads with an optional method
-``vision_layers() -> tuple[int, ...] | None`` (``None`` or no method: every layer).  The
-layer whose input is the projector's input is always captured.  The captured tensors are
-references to the tower's own activations (no copy) and are released when the stage consumes
-them.
-
-Layer convention: vision layer ``i`` is the encoder-layer index (negative from the end: ``-2``
-is the second to last, the layer whose attention VisionZip/SCOPE read as ``attentions[-2]``);
-a signal at layer ``i`` is computed from that layer's input.  ``vision_feature_layer = -2``
-(``hidden_states[-2]``, what LLaVA projects) is the *output* of encoder layer ``-2`` = the input
-of the last layer.
+"""Vision-tower signals for encoder-side methods (CLS attention, patch keys, projector-input and
+CLS features), recomputed from captured encoder-layer inputs: pre-hooks keep a reference to each
+chosen CLIP layer's input, and one CLS query row per image and head is recomputed from the
+layer's own ``layer_norm1`` / ``q_proj`` / ``k_proj``, so the tower keeps its own attention
+implementation (no eager, no ``output_attentions``).  Timing, the candidate mapping, which
+layers are captured and the layer convention: ``docs/cut.md`` (Signals without attention
+matrices).
 """
 
 from __future__ import annotations

@@ -1,46 +1,12 @@
-"""The ``tokenreduce`` model of lmms-eval: any supported VLM with a tokenreduce plan attached.
+"""The ``tokenreduce`` model of lmms-eval: any supported VLM with a tokenreduce plan attached,
+found by lmms-eval through its ``lmms_eval.models`` entry-point group (filled by
+:func:`manifests`; nothing forked or copied)::
 
-lmms-eval (https://github.com/EvolvingLMMs-Lab/lmms-eval) finds this model through its own
-plugin mechanism, the ``lmms_eval.models`` entry-point group, which tokenreduce's
-``pyproject.toml`` fills with :func:`manifests`; nothing is copied into lmms-eval and nothing is
-forked::
+    python -m lmms_eval --model tokenreduce \
+        --model_args pretrained=llava-hf/llava-1.5-7b-hf,plan=pio_64 --tasks pope --batch_size 8
 
-    python -m lmms_eval --model tokenreduce \\
-        --model_args pretrained=llava-hf/llava-1.5-7b-hf,plan=pio_64 \\
-        --tasks pope,gqa --batch_size 8
-
-``model_args`` (validated; an unknown key is an error that names it and lists the known ones):
-
-- ``pretrained`` (required): a Hugging Face Hub id or a local folder of a LLaVA-1.5, LLaVA-NeXT or
-  Qwen2.5-VL checkpoint (:func:`tokenreduce.models.load_pretrained`: processor, dtype and
-  attention backend chosen automatically).
-- ``plan``: a preset name (``tokenreduce plans`` lists them) or the path of a YAML plan file; no
-  plan = the unreduced model, for the baseline row.
-- ``revision``, ``dtype`` (``auto``), ``attn_implementation`` (``auto``), ``device`` (``auto``).
-- ``prompt``: ``chat_template`` (default: the checkpoint's chat template, one user turn with the
-  images, then the task's text) or a template with the image placeholder and ``{question}``
-  (the task's text goes into ``{question}``; its images are placed where the template's single
-  placeholder is).
-- ``max_new_tokens``: when a task gives none (default 128).
-- ``trace_file``: append one JSON line per request (task, doc id, visual tokens per decoder layer,
-  layer average) to this file, so the tokens each plan really kept are on record.
-- ``batch_size`` (lmms-eval's ``--batch_size``, a positive integer): requests per ``generate()`` call.
-  Requests are grouped by generation settings and by their number of images, then batched with
-  left padding; every sample is budgeted on its own visual-token count, so a batch computes what
-  its samples compute alone (up to float rounding).
-
-Errors are one line and name these keys (``model_args pretrained='...'``, ``model_args plan=...``,
-``model_args device=...``; :data:`KEYS` is how the loader is told), never the command line's
-``model.path``: a ``pretrained`` folder that is no usable checkpoint (empty, a corrupt
-``config.json``, no weights, ...) says which folder and what is wrong, and a plan file or a
-``trace_file`` that cannot be used stops the run before the model is loaded.
-
-What is implemented: ``generate_until`` (greedy or sampling; ``until`` stop strings cut the
-decoded text; one or several images per request, or none) and ``loglikelihood`` (the
-continuation's summed log-probability and whether greedy decoding would produce it: the plan
-selects on the prefill of the prompt, then the continuation is fed token by token on the cache,
-as ``generate()`` would produce it). ``generate_until_multi_round``, video
-inputs and ``num_beams > 1`` are refused with a message.
+``model_args`` (validated; errors are one line and name these keys), batching,
+``generate_until`` / ``loglikelihood`` and what is refused: ``docs/lmms-eval.md``.
 """
 
 from __future__ import annotations
