@@ -13,3 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 torch.set_num_threads(1)
+
+# the ``lmms_eval`` fixture (lmms-eval installed without its dependencies), shared by the tests of
+# the lmms-eval bridge in tests/integrations and tests/plugins
+pytest_plugins = ["lmms_eval_site"]

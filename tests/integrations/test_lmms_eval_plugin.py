@@ -19,10 +19,7 @@ an unreduced full-sequence forward and, under a plan, against ``generate()``'s o
 
 from __future__ import annotations
 
-import importlib
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -32,42 +29,8 @@ from tokenreduce.core.errors import TokenReduceError
 from tokenreduce.measure.tasks import format_prompt
 from tokenreduce.testing.tiny import make_image, save_tiny_checkpoint
 
-LMMS_EVAL = "lmms-eval==0.7.3"
-#: what lmms_eval.models and lmms_eval.api.model import beyond tokenreduce's own dependencies
-LMMS_EVAL_IMPORTS = ["loguru==0.7.3", "pytz==2026.6"]
 QUESTIONS = ["what color is the shape?", "what shape is it?", "is there a circle?"]
 SIZES = [(56, 56), (112, 56), (56, 112)]  # ragged: LLaVA-NeXT and Qwen2.5-VL get different token counts
-
-
-@pytest.fixture(scope="module")
-def lmms_eval(tmp_path_factory):
-    """lmms-eval's package (no dependencies) importable for this module's tests."""
-    target = tmp_path_factory.mktemp("lmms-eval-site")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-deps",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--target",
-        str(target),
-        LMMS_EVAL,
-        *LMMS_EVAL_IMPORTS,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed (the package index must be reachable):\n{proc.stderr[-2000:]}"
-    sys.path.insert(0, str(target))
-    try:
-        import lmms_eval.models  # noqa: F401  (builds its registry, entry points included)
-
-        yield importlib.import_module("lmms_eval")
-    finally:
-        sys.path.remove(str(target))
-        for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith(("lmms_eval.", "loguru", "pytz"))]:
-            del sys.modules[name]
-        sys.modules.pop("tokenreduce.integrations.lmms_eval_plugin", None)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lmms_eval_plugin import lmms_eval, make_model  # noqa: F401  (the fixture installs lmms-eval)
+from test_lmms_eval_plugin import make_model
 
 import tokenreduce
 from tokenreduce.core.errors import TokenReduceError, UnsupportedModelError
@@ -65,7 +65,7 @@ def _message(error) -> str:
 
 
 @pytest.mark.parametrize("name", list(BROKEN))
-def test_broken_pretrained_folder_is_one_line_naming_pretrained_and_the_folder(lmms_eval, folders, name):  # noqa: F811
+def test_broken_pretrained_folder_is_one_line_naming_pretrained_and_the_folder(lmms_eval, folders, name):
     """Item 7 through the bridge: these were ``ValueError: Unrecognized model``, ``OSError ... not a
     valid JSON file`` or a ``SafetensorError``, and named ``model.path``."""
     folder = folders[name]
@@ -76,7 +76,7 @@ def test_broken_pretrained_folder_is_one_line_naming_pretrained_and_the_folder(l
     assert message.startswith(f"model_args pretrained='{folder}'") and BROKEN[name] in message, message
 
 
-def test_missing_folder_and_a_file_name_pretrained(lmms_eval, folders):  # noqa: F811
+def test_missing_folder_and_a_file_name_pretrained(lmms_eval, folders):
     with pytest.raises(TokenReduceError) as caught:
         make_model(lmms_eval, f"pretrained={folders['empty'].parent / 'missing'}")
     assert _message(caught).startswith("model_args pretrained=") and "no such folder" in str(caught.value)
@@ -86,7 +86,7 @@ def test_missing_folder_and_a_file_name_pretrained(lmms_eval, folders):  # noqa:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_device_and_prompt_errors_name_the_model_args_keys(lmms_eval, folders):  # noqa: F811
+def test_device_and_prompt_errors_name_the_model_args_keys(lmms_eval, folders):
     """Item 11: the loader's errors named the command line's ``model.device`` / ``model.prompt``."""
     with pytest.raises(TokenReduceError) as caught:
         make_model(lmms_eval, f"pretrained={folders['good']},device=cuda")
@@ -100,7 +100,7 @@ def test_device_and_prompt_errors_name_the_model_args_keys(lmms_eval, folders): 
     assert "set model_args prompt to a template" in str(caught.value)
 
 
-def test_offline_hub_message_says_how_to_point_pretrained_at_a_folder(lmms_eval):  # noqa: F811
+def test_offline_hub_message_says_how_to_point_pretrained_at_a_folder(lmms_eval):
     from tokenreduce.integrations.lmms_eval_plugin import KEYS
     from tokenreduce.measure.configs import _hub_error
 
@@ -109,7 +109,7 @@ def test_offline_hub_message_says_how_to_point_pretrained_at_a_folder(lmms_eval)
 
 
 @pytest.mark.parametrize("value", ["-2", "0", "two", -2, 0])
-def test_batch_size_must_be_a_positive_integer(lmms_eval, folders, value):  # noqa: F811
+def test_batch_size_must_be_a_positive_integer(lmms_eval, folders, value):
     """Item 11: ``batch_size=-2`` said "'auto' is not supported"."""
     with pytest.raises(TokenReduceError) as caught:
         make_model(lmms_eval, f"pretrained={folders['good']}", batch_size=value)
@@ -120,7 +120,7 @@ def test_batch_size_must_be_a_positive_integer(lmms_eval, folders, value):  # no
         make_model(lmms_eval, f"pretrained={folders['good']}", batch_size="auto")
 
 
-def test_plan_errors_name_the_plan_key(lmms_eval, folders, tmp_path):  # noqa: F811
+def test_plan_errors_name_the_plan_key(lmms_eval, folders, tmp_path):
     with pytest.raises(tokenreduce.PlanError, match=r"^model_args plan='pio_65': unknown plan preset 'pio_65'"):
         make_model(lmms_eval, f"pretrained={folders['good']},plan=pio_65")
     with pytest.raises(tokenreduce.PlanError, match=r"^model_args plan='pio_64': .*out of range"):
@@ -136,7 +136,7 @@ def test_plan_errors_name_the_plan_key(lmms_eval, folders, tmp_path):  # noqa: F
         make_model(lmms_eval, f"pretrained={folders['good']},plan={listed}")
 
 
-def test_trace_file_is_checked_before_the_model_loads(lmms_eval, folders, tmp_path, monkeypatch):  # noqa: F811
+def test_trace_file_is_checked_before_the_model_loads(lmms_eval, folders, tmp_path, monkeypatch):
     """Like out_dir on the command line: a trace file that cannot be written stopped the
     evaluation after its first batch."""
 

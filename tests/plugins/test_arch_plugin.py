@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,7 +31,6 @@ MODULE = "toy_llava_plugin"
 DIST = "toy-llava-plugin"
 TOY, LLAVA = "toy_llava", "llava"
 TINY = ["model=tiny_llava", "model.text_layers=4", "model.image_size=56"]
-LMMS_EVAL = ["lmms-eval==0.7.3", "loguru==0.7.3", "pytz==2026.6"]  # as tests/integrations/test_lmms_eval_plugin.py
 
 
 @pytest.fixture
@@ -164,43 +162,6 @@ def test_viz_command(toy, tmp_path, capsys):
 
 
 # -- the lmms-eval bridge -------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def lmms_eval(tmp_path_factory):
-    """lmms-eval's package (no dependencies) importable for this module's tests; skipped when it
-    cannot be installed here."""
-    target = tmp_path_factory.mktemp("lmms-eval-site")
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "install",
-        "--no-deps",
-        "--quiet",
-        "--disable-pip-version-check",
-        "--target",
-        str(target),
-        *LMMS_EVAL,
-    ]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"lmms-eval could not be installed: {exc}")
-    if proc.returncode != 0:
-        pytest.skip(f"lmms-eval could not be installed (the package index must be reachable): {proc.stderr[-500:]}")
-    sys.path.insert(0, str(target))
-    try:
-        try:
-            import lmms_eval.models  # noqa: F401
-        except ImportError as exc:
-            pytest.skip(f"lmms-eval cannot be imported: {exc}")
-        yield importlib.import_module("lmms_eval")
-    finally:
-        sys.path.remove(str(target))
-        for name in [m for m in sys.modules if m == "lmms_eval" or m.startswith(("lmms_eval.", "loguru", "pytz"))]:
-            del sys.modules[name]
-        sys.modules.pop("tokenreduce.integrations.lmms_eval_plugin", None)
-
-
 def test_lmms_eval_bridge_builds_the_same_prompts_and_answers(toy, lmms_eval, tmp_path):
     from lmms_eval.api.instance import Instance
     from lmms_eval.models import get_model
