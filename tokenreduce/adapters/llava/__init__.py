@@ -3,4 +3,7 @@
 from .adapter import LlavaAdapter
 from .spec import LlavaSpec
 
-__all__ = ["LlavaAdapter", "LlavaSpec"]
+#: registered by tokenreduce.adapters (every folder exporting SPEC is an architecture)
+SPEC = LlavaSpec
+
+__all__ = ["SPEC", "LlavaAdapter", "LlavaSpec"]

@@ -3,4 +3,7 @@
 from .adapter import LlavaNextAdapter
 from .spec import LlavaNextSpec
 
-__all__ = ["LlavaNextAdapter", "LlavaNextSpec"]
+#: registered by tokenreduce.adapters (every folder exporting SPEC is an architecture)
+SPEC = LlavaNextSpec
+
+__all__ = ["SPEC", "LlavaNextAdapter", "LlavaNextSpec"]
