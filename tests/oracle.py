@@ -26,7 +26,8 @@ Stage = tuple[int, "Sequence[int] | torch.Tensor", str]
 
 
 def _is_qwen(model) -> bool:
-    return model.config.model_type == "qwen2_5_vl"
+    """M-RoPE models (the Qwen family): their VLM computes 3-D ids with ``get_rope_index``."""
+    return hasattr(getattr(model, "model", None), "get_rope_index")
 
 
 def oracle_positions(model, input_ids: torch.Tensor, extra: dict) -> torch.Tensor:

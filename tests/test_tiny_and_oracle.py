@@ -7,7 +7,6 @@ import torch
 from oracle import oracle_generate, oracle_inputs_embeds
 
 from tokenreduce.testing.tiny import (
-    IMAGE_PAD_TOKEN_ID,
     IMAGE_TOKEN_ID,
     KINDS,
     build_tiny,
@@ -18,7 +17,14 @@ from tokenreduce.testing.tiny import (
 
 PROMPT = "USER: <image> what color is the shape? ASSISTANT:"
 PROMPTS = [PROMPT, "USER: <image> is there a red circle in the image? ASSISTANT:"]
-N_VISUAL = {"llava": 16, "llava_next": 70, "qwen2_5_vl": 12}  # default image sizes
+N_VISUAL = {
+    "llava": 16,
+    "llava_next": 70,
+    "llava_onevision": 44,
+    "qwen2_5_vl": 12,
+    "qwen2_vl": 12,
+    "qwen3_vl": 12,
+}  # default image sizes
 STEPS = 5
 
 
@@ -69,7 +75,7 @@ def test_tiny_model_builds_and_generates(kind):
     input_ids = inputs["input_ids"]
     assert input_ids.shape[0] == 2
     assert (inputs["attention_mask"][:, -1] == 1).all()  # left padding
-    placeholder = IMAGE_PAD_TOKEN_ID if kind == "qwen2_5_vl" else IMAGE_TOKEN_ID
+    placeholder = model.config.image_token_id
     assert (input_ids == placeholder).sum(-1).tolist() == [N_VISUAL[kind]] * 2
 
     out = model.generate(**inputs, do_sample=False, max_new_tokens=8)

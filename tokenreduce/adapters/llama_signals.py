@@ -69,6 +69,14 @@ def _usable(t):
     return t
 
 
+def _head_norm(attn, name: str, x: Tensor) -> Tensor:
+    """``x`` ``[B, S, H, hd]`` through the attention's per-head norm ``name`` (``q_norm`` /
+    ``k_norm``: Qwen3 and other decoders normalise queries and keys per head before RoPE), or
+    unchanged when the layer has none (Llama, Qwen2)."""
+    norm = getattr(attn, name, None)
+    return x if norm is None else norm(x)
+
+
 class LlamaSignals:
     """:class:`~tokenreduce.core.types.SignalSource` for one stage of a Llama-family decoder."""
 
@@ -116,7 +124,7 @@ class LlamaSignals:
         attn = layer.self_attn
         b, s, _ = x.shape
         hd = attn.head_dim
-        k = attn.k_proj(x).view(b, s, -1, hd).transpose(1, 2)
+        k = _head_norm(attn, "k_norm", attn.k_proj(x).view(b, s, -1, hd)).transpose(1, 2)
         k = apply_rope(k, cos, sin)
         v = attn.v_proj(x).view(b, s, -1, hd).transpose(1, 2) if with_values else None
         return k, v
@@ -137,7 +145,7 @@ class LlamaSignals:
         r = rows.shape[1]
         hd = attn.head_dim
         h_kv = k.shape[1]
-        q = attn.q_proj(_gather_rows(x, rows)).view(b, r, -1, hd).transpose(1, 2)  # [B, H, R, hd]
+        q = _head_norm(attn, "q_norm", attn.q_proj(_gather_rows(x, rows)).view(b, r, -1, hd)).transpose(1, 2)
         q = apply_rope(q, _gather_rows(cos, rows), _gather_rows(sin, rows))
         h = q.shape[1]
         groups = h // h_kv

@@ -39,6 +39,10 @@ class LlavaAdapter(DecoderAdapter):
     provides: ClassVar[Need] = (
         LlamaSignals.provides | Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
     )
+    missing_reasons: ClassVar[dict[Need, str]] = {
+        Need.VISION_ATTENTION: "attention received per patch is the signal of towers without a CLS token (Qwen); "
+        "LLaVA's CLIP tower has one: use the vision_cls scorer (and the pio_ve selector for PIO w/ VE)"
+    }
 
     def __init__(self, model, settings=None) -> None:
         super().__init__(model, settings)

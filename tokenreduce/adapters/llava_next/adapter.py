@@ -83,7 +83,7 @@ class LlavaNextAdapter(DecoderAdapter):
     missing_reasons: ClassVar[dict[Need, str]] = {
         flag: "vision-tower signals are not implemented for LLaVA-NeXT's anyres layout yet (base image + "
         "unpadded crops + newline tokens); encoder-side methods run on LLaVA-1.5"
-        for flag in (Need.VISION_CLS_ATTENTION, Need.VISION_KEYS, Need.VISION_FEATURES)
+        for flag in (Need.VISION_CLS_ATTENTION, Need.VISION_KEYS, Need.VISION_FEATURES, Need.VISION_ATTENTION)
     }
     Settings: ClassVar[type[BaseModel] | None] = LlavaNextSettings
     settings: LlavaNextSettings
