@@ -24,9 +24,13 @@ def test_eval_without_a_plan_runs_the_suite_on_the_reference_model(tmp_path, cap
     assert "easyvqa-llava" in printed and "suite 'reference'" in printed
     results = json.loads((out / "results.json").read_text())
     names = [m["name"] for m in results["metrics"]]
-    assert names == ["vanilla", *_suite_plans()]
+    # the suite's Qwen rows (received attention: the Qwen tower has no CLS token) do not apply to
+    # LLaVA: skipped, each with a note naming the row and the adapter's reason
+    qwen_rows = [p for p in _suite_plans() if p.startswith("qwen_")]
+    assert names == ["vanilla", *(p for p in _suite_plans() if p not in qwen_rows)]
     assert results["task"]["suite"] == "reference" and results["task"]["n"] == 3
-    assert results["notes"] == []  # nothing skipped, every FLOP count available
+    assert len(results["notes"]) == len(qwen_rows) == 12  # nothing else skipped, every FLOP count available
+    assert all(f"skipped {p} (suite.skip_inapplicable)" in n for p, n in zip(qwen_rows, results["notes"]))
     for m in results["metrics"]:
         assert 0.0 <= m["accuracy"] <= 1.0 and 0.0 <= m["first_token_agreement"] <= 1.0
         assert m["flops_true"] > 0 and m["flops_paper"] > 0 and m["seconds"] > 0
@@ -34,9 +38,12 @@ def test_eval_without_a_plan_runs_the_suite_on_the_reference_model(tmp_path, cap
         assert m["layer_average"] == target
     assert results["metrics"][0]["retention"] == 1.0
     md = (out / "results.md").read_text()
-    assert md.count("\n| ref_") == len(_suite_plans()) and "| vanilla |" in md
+    assert md.count("\n| ref_") == len(_suite_plans()) - len(qwen_rows) and "| vanilla |" in md
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["choices"]["model"] == "easyvqa_llava" and config["choices"]["suite"] == "reference"
+    # the accuracy-vs-cost figure is written by default; per-sample logs only on request
+    assert (out / "accuracy_cost.png").stat().st_size > 10_000 and (out / "accuracy_cost.svg").stat().st_size > 10_000
+    assert "accuracy_cost.png" in printed and not (out / "samples").exists()
 
 
 def test_eval_with_a_plan_or_plans_does_not_run_the_suite(tmp_path, capsys):

@@ -15,7 +15,7 @@ from tokenreduce.core.registry import get_registry
 
 ROOT = Path(__file__).resolve().parents[2]
 TARGETS = {"33": 48, "22": 32, "11": 16}  # layer average of 144 visual tokens: 33.3 / 22.2 / 11.1 %
-REF = [n for n in preset_names("plan") if n.startswith("ref_")]
+REF = [n for n in preset_names("plan") if n.startswith(("ref_", "qwen_ref_"))]
 # components that are building blocks, not methods of their own
 GENERIC = {"topk", "nms", "norm"}
 

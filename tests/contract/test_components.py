@@ -37,7 +37,7 @@ PROMPTS = ["USER: <image> <image> what color is the shape? ASSISTANT:", "<image>
 IMAGES_BEFORE = [0, 2]  # image seed of each prompt's first image (make_inputs: image i has seed i)
 RECORDS: list[dict] = []
 #: settings a tiny model needs instead of a default (its vision towers have 2 layers)
-TINY_SETTINGS = {("selector", "pio_ve"): {"local_layer": 0}}
+TINY_SETTINGS = {("selector", "pio_ve"): {"local_layer": 0}, ("selector", "pio_ve_qwen"): {"local_layer": 0}}
 
 
 def _components() -> list:

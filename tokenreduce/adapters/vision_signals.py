@@ -56,7 +56,14 @@ class VisionTower:
 
 
 class VisionCapture:
-    """Forward pre-hooks that keep the inputs of chosen vision encoder layers (references only)."""
+    """Forward pre-hooks that keep the inputs of chosen vision encoder layers (references only).
+
+    A tower whose class sets ``capture_type`` (a subclass of this class) gets that capture instead
+    (Qwen-family towers: :mod:`.qwen_vision_signals`)."""
+
+    def __new__(cls, tower: VisionTower, *args: Any, **kwargs: Any) -> VisionCapture:
+        impl = getattr(tower, "capture_type", None) if cls is VisionCapture else None
+        return super().__new__(impl if impl is not None else cls)
 
     def __init__(self, tower: VisionTower, layers: Iterable[int] | None):
         self.tower = tower
@@ -99,7 +106,14 @@ class VisionSignals:
         inputs: captured layer inputs, encoder layer -> ``[I, 1 + P, d_v]``.
         n_visual: ``[B]`` candidates per sample (all image tokens of the sample).
         valid: ``[B, N]`` bool candidate validity.
+
+    A tower whose class sets ``signals_type`` (a subclass of this class) gets those signals
+    instead (Qwen-family towers: :mod:`.qwen_vision_signals`).
     """
+
+    def __new__(cls, tower: VisionTower, *args: Any, **kwargs: Any) -> VisionSignals:
+        impl = getattr(tower, "signals_type", None) if cls is VisionSignals else None
+        return super().__new__(impl if impl is not None else cls)
 
     def __init__(self, tower: VisionTower, inputs: dict[int, Tensor], n_visual: Tensor, valid: Tensor):
         self.tower = tower

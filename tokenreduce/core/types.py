@@ -11,6 +11,7 @@ quantity comes with a boolean validity mask instead of relying on equal lengths.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -45,6 +46,9 @@ class Need(enum.Flag):
     #: the vision features the projector receives (e.g. CLIP layer -2 output) and the projector
     #: itself, for methods that merge tokens in the vision-feature space (VisionZip)
     VISION_FEATURES = enum.auto()
+    #: attention each patch receives in the vision tower (mean over query rows, per visual
+    #: token): the saliency of towers without a CLS token (Qwen family)
+    VISION_ATTENTION = enum.auto()
 
     def describe(self) -> str:
         """Comma-separated lower-case names of the flags set, e.g. ``"attention_rows, visual_grid"``."""
@@ -53,7 +57,7 @@ class Need(enum.Flag):
 
 
 #: the signals of the vision tower, which exist only at a stage cutting at layer 0 (the first)
-VISION_NEEDS = Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
+VISION_NEEDS = Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES | Need.VISION_ATTENTION
 
 
 @runtime_checkable
@@ -251,6 +255,11 @@ class StageTrace:
         requested: per sample, the visual tokens the stage's ``keep`` asked for before the clamp
             to ``1..visual_before`` (0 for a sample without visual tokens); where it differs from
             ``visual_after`` the count was clamped (see :attr:`clamped`).
+        scores: per sample, ``[n]`` float32 (CPU) scores the stage's scorer gave its candidates,
+            aligned with :attr:`scored`; recorded only when the attachment's ``record_scores``
+            is set and the stage scored (it has a scorer and removed tokens); else None.
+        scored: per sample, the original sequence positions of the scored candidates (ascending),
+            or None with :attr:`scores`.
     """
 
     stage: int
@@ -262,6 +271,8 @@ class StageTrace:
     kept: list[list[int]]
     seconds: float = 0.0
     requested: list[int] = field(default_factory=list)
+    scores: list[Tensor] | None = None
+    scored: list[list[int]] | None = None
 
     @property
     def clamped(self) -> list[int]:
@@ -274,13 +285,58 @@ class Trace:
     """The record of the last prefill forward under an attachment.
 
     ``final_index[b]`` maps each valid position of the model's output sequence (e.g. the rows of
-    ``logits``) to its position in the original input.
+    ``logits``) to its position in the original input.  ``layout`` (set by the attachment at the
+    prefill, None on a hand-built trace) computes the prefill's visual tokens on their grids on
+    first use: ``(visual [B, S] bool, cells [B, S, 4] long)`` with columns (panel, row, col,
+    newline flag), as the adapter's ``Need.VISUAL_GRID`` describes them; see :meth:`kept_grid`
+    and ``docs/concepts.md`` (Trace).
     """
 
     stages: list[StageTrace] = field(default_factory=list)
     n_layers: int = 0
     original_visual: list[int] = field(default_factory=list)
     final_index: list[list[int]] = field(default_factory=list)
+    layout: Callable[[], tuple[Tensor, Tensor]] | None = field(default=None, repr=False, compare=False)
+    _cells: list[tuple[Tensor, Tensor]] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def visual_cells(self, sample: int = 0) -> tuple[Tensor, Tensor]:
+        """The visual tokens of one sample on their grids: ``(positions [N] long, cells [N, 4]
+        long)``; positions in the original input sequence (ascending), cells (panel, row, col,
+        newline flag).  ``panel`` is the image within the sample (LLaVA-NeXT: ``2i`` the base
+        grid and ``2i + 1`` the high-resolution grid of image ``i``, whose row-end newline tokens
+        sit at column ``W'`` with flag 1; Qwen2.5-VL: images and video frames in order)."""
+        if self._cells is None:
+            if self.layout is None:
+                raise ValueError(
+                    "this trace has no grid layout: only a trace recorded by an attachment's prefill knows "
+                    "where its visual tokens sit"
+                )
+            visual, cells = self.layout()
+            self._cells = []
+            for b in range(visual.shape[0]):
+                pos = torch.nonzero(visual[b]).flatten()
+                self._cells.append((pos.cpu(), cells[b, pos].cpu()))
+        if not 0 <= sample < len(self._cells):
+            raise IndexError(f"sample={sample}: the trace has {len(self._cells)} sample(s) (0..{len(self._cells) - 1})")
+        return self._cells[sample]
+
+    def kept_grid(self, with_newline: bool = False) -> list[list[Tensor]]:
+        """The visual tokens each stage kept, on their grids: ``[stage][sample]`` ->
+        ``[k, 3]`` long rows (panel, row, col) in the order of :attr:`StageTrace.kept`
+        (original position, ascending); ``[k, 4]`` with the newline flag when ``with_newline``.
+        Stages that removed nothing list every token entering them."""
+        out = []
+        for st in self.stages:
+            per_sample = []
+            for b, kept in enumerate(st.kept):
+                pos, cells = self.visual_cells(b)
+                kept_pos = torch.as_tensor(kept, dtype=torch.long)
+                at = torch.searchsorted(pos, kept_pos)
+                if bool((at >= len(pos)).any()) or not bool((pos[at.clamp(max=len(pos) - 1)] == kept_pos).all()):
+                    raise ValueError(f"stage {st.stage} sample {b}: kept positions are not visual tokens of the layout")
+                per_sample.append(cells[at] if with_newline else cells[at, :3])
+            out.append(per_sample)
+        return out
 
     def visual_per_layer(self, sample: int = 0) -> list[int]:
         """Visual tokens seen by each decoder layer for one sample (length ``n_layers``)."""

@@ -18,13 +18,13 @@ from .nms import NMSSelector
 from .norm import NormScorer
 from .pdrop import PDropScorer
 from .pio import PIOScorer
-from .pio_ve import PIOVESelector
+from .pio_ve import PIOVEQwenSelector, PIOVESelector
 from .random_select import RandomSelector
 from .scope import SCOPESelector
 from .sparsevlm import SparseVLMScorer, SparseVLMSelector
 from .topk import TopKSelector
 from .uniform import UniformSelector
-from .visionzip import CLSAttentionScorer, VisionZipSelector
+from .visionzip import CLSAttentionScorer, ReceivedAttentionScorer, VisionZipSelector
 
 # short names for typed plans (SparseVLM and vision_cls keep their class names)
 PIO = PIOScorer
@@ -51,6 +51,7 @@ SCORERS = {
     "sparsevlm": SparseVLMScorer,
     # encoder side (vision-tower signals; a stage at layer 0)
     "vision_cls": CLSAttentionScorer,
+    "vision_attn": ReceivedAttentionScorer,
 }
 SELECTORS = {
     "topk": TopKSelector,
@@ -65,9 +66,12 @@ SELECTORS = {
     "scope": SCOPESelector,
     "holov": HoloVSelector,
     "pio_ve": PIOVESelector,
+    "pio_ve_qwen": PIOVEQwenSelector,
 }
 
 __all__ = [
+    "PIOVEQwenSelector",
+    "ReceivedAttentionScorer",
     "CLSAttentionScorer",
     "DART",
     "DARTSelector",

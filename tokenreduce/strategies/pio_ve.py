@@ -8,6 +8,11 @@ Encoder side (a stage at layer 0): a windowed local scan of the CLS attention at
 layer, a global scan at layer -2 for the rest of the budget, then every dropped token merged into
 its most similar kept token.  Follow it by a ``pio`` stage (presets ``pio_ve_*``).  Details and
 deviations: ``docs/strategies/pio_ve.md``.
+
+``pio_ve_qwen`` (:class:`PIOVEQwenSelector`): the official Qwen2.5-VL recipe, on the attention
+each visual token receives (the tower has no CLS): local scores at the first full-attention
+block with a window selection capped per 4x4 window of the merged grid, global scores at the
+last block, then the same merge (presets ``qwen_pio_ve_*``).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import Tensor
 from tokenreduce.core.strategy import Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
-from .visionzip import check_encoder_stage
+from .visionzip import check_encoder_stage, vision_attention
 
 
 def window_ids(grid: Tensor, windows: int) -> Tensor:
@@ -110,6 +115,109 @@ class PIOVESelector(Selector):
         if not self.merge:
             return sel
         feats = view.visual_hidden()  # [B, N, d] projected features (layer-0 hidden states)
+        hidden = feats.gather(1, sel.index.unsqueeze(-1).expand(-1, -1, feats.shape[-1])).clone()
+        for b in range(view.batch_size):
+            n = int(view.visual_valid[b].sum())
+            k = int(keep[b])
+            if n == 0 or k == 0:
+                continue
+            hidden[b, :k] = merge_into_kept(feats[b, :n], mask[b, :n]).to(hidden.dtype)
+        sel.hidden = hidden
+        return sel
+
+
+def qwen_window_ids(grid: Tensor, window: int) -> tuple[Tensor, int]:
+    """Window of each candidate in PIO-FVLM's Qwen window selection, and the number of windows.
+
+    Args:
+        grid: ``[N, 3]`` (image, row, col) on the merged grid of each image.
+        window: window side in merged tokens (4).
+
+    Each image's ``H x W`` grid is cut into ``max(1, H // window) x max(1, W // window)`` windows
+    of ``window x window`` tokens; the rows (columns) beyond the last whole window fold into the
+    last window row (column).  Returns ``([N] long window id, total windows)``.
+    """
+    image, row, col = grid.unbind(-1)
+    ids = torch.zeros_like(row)
+    total = 0
+    for i in torch.unique(image).tolist():
+        at = image == i
+        h = int(row[at].max()) + 1
+        w = int(col[at].max()) + 1
+        nh, nw = max(1, h // window), max(1, w // window)
+        wr = torch.clamp(row[at] // window, max=nh - 1)
+        wc = torch.clamp(col[at] // window, max=nw - 1)
+        ids[at] = total + wr * nw + wc
+        total += nh * nw
+    return ids, total
+
+
+def capped_window_pick(scores: Tensor, windows: Tensor, n_windows: int, k: int) -> Tensor:
+    """``[N]`` bool: ``k`` tokens taken in descending score order (ties: lower index), each window
+    holding at most ``ceil(k / n_windows)`` of them (PIO-FVLM's Qwen ``window_selection``)."""
+    n = scores.shape[0]
+    chosen = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k <= 0:
+        return chosen
+    cap = -(-k // max(1, n_windows))
+    used = torch.zeros(max(1, n_windows), dtype=torch.long)
+    taken = 0
+    for i in torch.sort(scores.float(), descending=True, stable=True).indices.tolist():
+        w = int(windows[i])
+        if used[w] < cap:
+            used[w] += 1
+            chosen[i] = True
+            taken += 1
+            if taken == k:
+                break
+    return chosen
+
+
+class PIOVEQwenSelector(Selector):
+    """PIO-FVLM's encoder-involved reduction on Qwen-family towers (no CLS): local scores from a
+    full-attention block with a capped window selection for half the budget, global scores from
+    the last block for the rest, dropped tokens merged into their most similar kept token
+    (``docs/pio-fvlm.md#encoder-involved-mode``)."""
+
+    local_layer: int = Field(
+        default=7, description="vision block of the local scores (7: Qwen2.5-VL-7B's first full-attention block)"
+    )
+    global_layer: int = Field(default=-1, description="vision block of the global scores (-1: the last)")
+    window: int = Field(default=4, ge=1, description="window side in visual (merged) tokens")
+    merge: bool = Field(default=True, description="merge dropped tokens into their most similar kept token")
+
+    needs = Need.VISION_ATTENTION | Need.VISUAL_GRID
+    needs_scores = False
+
+    def check_stage(self, layer: int, n_layers: int) -> str | None:
+        return check_encoder_stage("pio_ve_qwen", layer)
+
+    def vision_layers(self) -> tuple[int, ...]:
+        return (self.local_layer, self.global_layer)
+
+    def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:
+        """Exactly ``keep[b]`` tokens: ``keep // 2`` by the capped window selection on the local
+        scores, the rest by the global scores; ``hidden`` holds the merged features."""
+        local = vision_attention(view, self.local_layer, "sum")  # [B, N]
+        glob = vision_attention(view, self.global_layer, "sum")  # [B, N]
+        grid = view.signals.visual_grid()  # [B, N, 3]
+        mask = torch.zeros_like(view.visual_valid)
+        for b in range(view.batch_size):
+            n = int(view.visual_valid[b].sum())
+            k = int(keep[b])
+            if n == 0 or k == 0:
+                continue
+            win, n_windows = qwen_window_ids(grid[b, :n], self.window)
+            picked = capped_window_pick(local[b, :n], win, n_windows, k // 2)
+            rest = k - int(picked.sum())
+            if rest > 0:
+                masked = glob[b, :n].float().masked_fill(picked, float("-inf"))
+                picked[torch.sort(masked, descending=True, stable=True).indices[:rest]] = True
+            mask[b, :n] = picked
+        sel = Selection.from_mask(mask)
+        if not self.merge:
+            return sel
+        feats = view.visual_hidden()  # [B, N, d]: the merger's outputs (layer-0 hidden states)
         hidden = feats.gather(1, sel.index.unsqueeze(-1).expand(-1, -1, feats.shape[-1])).clone()
         for b in range(view.batch_size):
             n = int(view.visual_valid[b].sum())

@@ -56,6 +56,43 @@ class CLSAttentionScorer(Scorer):
         return scores.float().masked_fill(~view.visual_valid, 0.0)
 
 
+def vision_attention(view: TokenView, layer: int, heads: str) -> Tensor:
+    """``[B, N]`` float32: the attention each candidate receives at vision layer ``layer``
+    (``Need.VISION_ATTENTION``), from the signal source's ``vision_attention()``, else from its
+    vision-tower signals' ``attention_received()``."""
+    get = getattr(view.signals, "vision_attention", None)
+    if get is None:
+        source = getattr(view.signals, "_vision", None)
+        if source is None:
+            raise RuntimeError(
+                f"the signal source {type(view.signals).__name__} provides no vision_attention() "
+                "(the attention each patch receives in the vision tower)"
+            )
+        return source().attention_received(layer, heads)
+    return get(layer, heads)
+
+
+class ReceivedAttentionScorer(Scorer):
+    """The attention each visual token receives in a CLS-free vision tower (Qwen family), reduced
+    over heads: the stand-in for CLS attention of VisionZip, SCOPE and HoloV on those towers
+    (``docs/strategies/visionzip.md``)."""
+
+    layer: int = Field(default=-1, description="vision block (negative from the end; -1: the last, full attention)")
+    heads: Literal["sum", "mean"] = Field(default="sum", description="reduction over heads")
+
+    needs = Need.VISION_ATTENTION
+
+    def check_stage(self, layer: int, n_layers: int) -> str | None:
+        return check_encoder_stage("vision_attn", layer)
+
+    def vision_layers(self) -> tuple[int, ...]:
+        return (self.layer,)
+
+    def score(self, view: TokenView) -> Tensor:
+        """``[B, N]`` float32 attention received by each candidate (0 at invalid ones)."""
+        return vision_attention(view, self.layer, self.heads).float().masked_fill(~view.visual_valid, 0.0)
+
+
 def contextual_count(keep: int, n: int, ratio: float, fixed: int | None) -> int:
     """Contextual tokens of a sample keeping ``keep`` of its ``n`` candidates: ``fixed``, else
     ``round(ratio * keep)`` (half up), at most ``keep``.  (The ``keep - c`` dominant tokens leave

@@ -21,7 +21,8 @@ What the cut does here (the generic mechanics are in :mod:`tokenreduce.adapters.
   sliding-window layers are refused).
 
 Qwen2.5-VL's vision tower has no CLS token, so strategies that need CLS attention fail when
-the plan is built.
+the plan is built; encoder-side methods read the attention each visual token receives instead
+(``Need.VISION_ATTENTION``, :mod:`..qwen_vision_signals`), with the keys and the merger's input.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ from ..cut import DecoderAdapter
 from ..layout import runs
 from ..llama_family import generate_position_ids
 from ..llama_signals import LlamaSignals
+from ..qwen_vision_signals import qwen_vision_tower
+from ..vision_signals import VisionTower
 
 
 def mrope_positions(position_ids: Tensor | None, b: int, q: int, past: int, device) -> Tensor:
@@ -80,18 +83,20 @@ class Qwen2_5_VLAdapter(DecoderAdapter):
     """Qwen2.5-VL: windowed ViT with a 2x2 patch merger + Qwen2 decoder with M-RoPE."""
 
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
-    provides: ClassVar[Need] = LlamaSignals.provides
+    #: vision-tower signals of the CLS-free windowed ViT (attention received per visual token,
+    #: keys, the merger's input) are recomputed from captured block inputs (:mod:`..qwen_vision_signals`)
+    provides: ClassVar[Need] = LlamaSignals.provides | Need.VISION_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
     missing_reasons: ClassVar[dict[Need, str]] = {
         Need.VISION_CLS_ATTENTION: "Qwen2.5-VL's vision tower has no CLS token (use a method that scores "
-        "patches by the attention they receive)",
-        Need.VISION_KEYS: "vision-tower keys are not implemented for Qwen2.5-VL's windowed ViT yet",
-        Need.VISION_FEATURES: "Qwen2.5-VL's 2x2 patch merger mixes four ViT patches into one visual token, "
-        "so there are no per-token vision features before the projector to merge",
+        "patches by the attention they receive: scorer vision_attn, selector pio_ve_qwen)",
     }
 
     def __init__(self, model, settings=None) -> None:
         super().__init__(model, settings)
         self.video_token = int(model.config.video_token_id)
+
+    def vision_tower(self) -> VisionTower:
+        return qwen_vision_tower(self.model, name=self.name)
 
     def check_model(self) -> None:
         if getattr(self.model.config.text_config, "use_sliding_window", False):
