@@ -71,14 +71,21 @@ class ModelSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["tiny", "config", "pretrained"]
+    kind: Literal["tiny", "config", "pretrained"] = Field(
+        description="tiny: a small random model built in code; config: random weights of a Hugging Face config "
+        "(hf_config); pretrained: a checkpoint (path or repo)"
+    )
     arch: str = Field(description="a registered architecture: its config.model_type (tokenreduce list adapter)")
     name: str | None = Field(default=None, description="shown in tables; defaults to the conf's file name")
     text_layers: int | None = Field(
         default=None, ge=1, description="decoder layers (fewer than the real model's: faster)"
     )
-    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        default="auto", description="attention kernel; auto: flash_attention_2 on CUDA when installed, else sdpa"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="weights and compute dtype; auto: the checkpoint's on GPU, float32 on CPU"
+    )
     device: str = Field(default="auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N")
     path: str | None = Field(
         default=None, description="kind pretrained: a local folder, or pkg:<package>/<folder> (wins over repo)"

@@ -10,6 +10,7 @@ from PIL import Image
 from tokenreduce.cli import main
 
 TINY = ["model=tiny_llava", "model.text_layers=4", "model.image_size=56"]
+PIO_32 = "pio/nms@1:32+pio/nms@10:54+pio/nms@15:22"  # pio_64 with plan.stages.0.keep=32
 
 
 def _outputs(folder):
@@ -25,12 +26,13 @@ def test_run_writes_answer_trace_and_config(tmp_path, capsys):
         == 0
     )
     printed = capsys.readouterr().out
-    assert "with plan demo*" in printed and "vanilla" in printed and "layer average" in printed
+    name = "uniform@1:25%+norm@3:25%orig"  # demo changed by the override: named by what it now does
+    assert f"with plan {name}: " in printed and "vanilla" in printed and "layer average" in printed
     config, results = _outputs(out)
     assert config["plan"]["stages"][0]["keep"] == {"ratio": 0.25}  # the override is in the resolved config
     assert config["choices"]["plan"] == "demo" and config["model"]["text_layers"] == 4
     assert results["trace"]["visual_per_layer"] == [[16, 4, 4, 4]]
-    assert set(results["answers"]) == {"vanilla", "demo*"} and len(results["answers"]["demo*"]["tokens"]) <= 3
+    assert set(results["answers"]) == {"vanilla", name} and len(results["answers"][name]["tokens"]) <= 3
     assert results["accounting"]["per_layer_visual"] == [16, 4, 4, 4]
 
 
@@ -100,8 +102,8 @@ def test_flops_of_a_real_config_needs_no_weights(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2.986T" in printed  # the paper's 2.98 T for LLaVA-1.5-7B's 576 visual tokens
     _, results = _outputs(out)
-    assert list(results["accounting"]) == ["vanilla", "fastv_64", "pio_64*"]
-    assert results["accounting"]["pio_64*"]["per_layer_visual"][1] == 32
+    assert list(results["accounting"]) == ["vanilla", "fastv_64", PIO_32]  # pio_64 changed: named by its stages
+    assert results["accounting"][PIO_32]["per_layer_visual"][1] == 32
     assert results["ratios"]["fastv_64"]["flops_paper"] > 1
 
 

@@ -98,12 +98,29 @@ def install(tmp_path, monkeypatch):
     distribution exposing ``module_name`` under the ``tokenreduce`` entry-point group."""
     modules: list[str] = []
 
-    def _install(dist: str, module: str, source: str, version: str = "0.0.1", ep_name: str = "fake") -> Path:
+    def _install(
+        dist: str,
+        module: str,
+        source: str,
+        version: str = "0.0.1",
+        ep_name: str = "fake",
+        conf: dict[str, str] | None = None,
+        conf_package: str | None = None,
+    ) -> Path:
+        """``conf``: files of a config folder shipped as package ``<module>_conf`` (``{"plan/x.yaml":
+        text}``) and named under ``tokenreduce.conf`` (``conf_package`` names another package)."""
         root = tmp_path / dist
         info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
         info.mkdir(parents=True)
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-        (info / "entry_points.txt").write_text(f"[tokenreduce]\n{ep_name} = {module}\n")
+        entry_points = f"[tokenreduce]\n{ep_name} = {module}\n"
+        if conf is not None or conf_package is not None:
+            entry_points += f"\n[tokenreduce.conf]\n{ep_name} = {conf_package or module + '_conf'}\n"
+            for relative, text in (conf or {}).items():
+                path = root / f"{module}_conf" / relative
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(textwrap.dedent(text))
+        (info / "entry_points.txt").write_text(entry_points)
         (root / f"{module}.py").write_text(textwrap.dedent(source))
         modules.append(module)
         monkeypatch.syspath_prepend(str(root))  # also invalidates the import/metadata caches
@@ -271,6 +288,74 @@ def test_two_plugins_coexist(install):
     assert origins["other_last"].startswith("tokenreduce-other-plugin 2.0")
 
 
+# -- presets shipped by a plugin (entry-point group tokenreduce.conf) -------------------------------
+PLUGIN_PRESET = """
+description: the fake plugin's own plan
+stages:
+  - layer: 1
+    keep: 3
+    scorer: fake_score
+    selector: fake_last
+"""
+CLASHING_PRESET = """
+description: a plugin's demo, hidden by the built-in one
+stages: []
+"""
+TINY = ["model=tiny_llava", "model.text_layers=4", "model.image_size=56"]
+
+
+def test_plugin_presets_are_used_by_name_in_plan_and_plans(install, tmp_path, capsys):
+    import json
+
+    from tokenreduce.cli import main
+    from tokenreduce.core.conf import preset_conflicts, preset_names, preset_origin
+    from tokenreduce.core.presets import load_preset
+
+    install("fake-preset-plugin", "fake_preset_plugin", GOOD_MODULE, conf={"plan/fake_last_3.yaml": PLUGIN_PRESET})
+    assert "fake_last_3" in preset_names("plan")
+    assert preset_origin("plan", "fake_last_3") == "fake-preset-plugin 0.0.1 (entry point 'fake')"
+    assert load_preset("fake_last_3").stages[0].selector.name == "fake_last"
+    assert preset_conflicts("plan") == {}
+    out = tmp_path / "flops"
+    argv = ["flops", "plans=[demo,fake_last_3]", *TINY, "flops.n_visual=16", f"out_dir={out}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    accounting = json.loads((out / "results.json").read_text())["accounting"]
+    assert list(accounting) == ["vanilla", "demo", "fake_last_3"]
+    assert accounting["fake_last_3"]["per_layer_visual"] == [16, 3, 3, 3]
+    # the same preset as `plan=`, in a tiny model: the plugin's selector keeps the last 3 candidates
+    out = tmp_path / "run"
+    argv = ["run", "plan=fake_last_3", *TINY, "run.max_new_tokens=1", "run.vanilla=false", f"out_dir={out}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    trace = json.loads((out / "results.json").read_text())["trace"]
+    assert trace["visual_per_layer"] == [[16, 3, 3, 3]]
+    kept = trace["stages"][0]["kept"][0]
+    assert len(kept) == 3 and kept == sorted(kept)
+
+
+def test_a_plugin_preset_cannot_hide_a_builtin_one(install, capsys):
+    from tokenreduce.cli import main
+    from tokenreduce.core.conf import preset_conflicts
+    from tokenreduce.core.presets import load_preset
+
+    install("fake-clash-preset", "fake_clash_preset", GOOD_MODULE, conf={"plan/demo.yaml": CLASHING_PRESET})
+    assert load_preset("demo").stages  # the built-in demo, not the plugin's empty plan
+    assert preset_conflicts("plan") == {"demo": ["tokenreduce", "fake-clash-preset 0.0.1 (entry point 'fake')"]}
+    assert main(["list"]) == 0
+    assert "plan preset 'demo' is defined by tokenreduce and fake-clash-preset 0.0.1" in capsys.readouterr().out
+
+
+def test_a_conf_entry_point_without_its_folder_is_skipped_with_a_warning(install):
+    from tokenreduce.core.conf import plugin_conf_dirs, preset_names
+
+    install("fake-no-conf", "fake_no_conf", GOOD_MODULE, conf_package="no_such_conf_package")
+    with pytest.warns(RuntimeWarning, match=r"entry point 'fake' = 'no_such_conf_package' of fake-no-conf 0.0.1"):
+        assert plugin_conf_dirs() == []
+    assert "demo" in preset_names("plan")  # the built-ins stay usable
+
+
 def test_registry_is_normal_again_after_plugins():
+    from tokenreduce.core.conf import plugin_conf_dirs
+
     test_registry_is_normal_without_plugins()
+    assert not any(p.origin.startswith("fake-") for p in plugin_conf_dirs())
     assert not any(c["origin"].startswith("tokenreduce-") for c in tokenreduce.list_components())

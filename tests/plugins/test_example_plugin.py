@@ -9,7 +9,8 @@ the registry, so tokenreduce finds the ``tokenreduce`` entry point through
 Checked: the entry point and its origin (``tokenreduce list``); the scorer against a reference
 written here (synthetic ragged, left-padded batches and the hidden states captured inside a
 tiny LLaVA's ``generate()``); settings validation; the scorer from Hydra overrides and from the
-plan preset the package ships (``hydra.searchpath=[pkg://...]``).
+plan preset the package ships, found through its ``tokenreduce.conf`` entry point (in ``plan=``,
+in ``plans=[...]`` and in ``tokenreduce list``; ``hydra.searchpath`` keeps working).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import yaml
 import tokenreduce
 from tokenreduce import PlanError
 from tokenreduce.cli import main
+from tokenreduce.core.conf import preset_names
 from tokenreduce.core.registry import ENTRY_POINT_GROUP, reset_registry
 from tokenreduce.core.types import TokenView
 
@@ -321,9 +323,12 @@ def test_cli_override_swaps_in_the_plugin_scorer(plugin, tmp_path, capsys):
         f"out_dir={out}",
     ]
     assert main(argv) == 0, capsys.readouterr().err
-    assert "with plan demo*" in capsys.readouterr().out
+    # a preset changed by overrides is named (and described) by what it now does
+    name = f"uniform@1:50%+{SCORER}@3:25%orig"
+    assert f"with plan {name}: " in capsys.readouterr().out
     config, results = _run_outputs(out)
-    assert config["resolved_plans"]["demo*"]["stages"][1]["scorer"] == {"name": SCORER, "reduce": "max"}
+    assert config["resolved_plans"][name]["stages"][1]["scorer"] == {"name": SCORER, "reduce": "max"}
+    assert "plan=demo changed by plan.stages.1.scorer=" in config["resolved_plans"][name]["description"]
     assert results["trace"]["visual_per_layer"] == [[16, 8, 8, 4]]
 
     # a plain name works on a stage that has a scorer; on one that has none (uniform_25), add it with `+`
@@ -340,7 +345,7 @@ def test_cli_override_swaps_in_the_plugin_scorer(plugin, tmp_path, capsys):
     ]
     assert main(argv) == 0, capsys.readouterr().err
     config, results = _run_outputs(out)
-    stage = config["resolved_plans"]["uniform_25*"]["stages"][0]  # defaults left out: topk is the default selector
+    stage = config["resolved_plans"][f"{SCORER}@0:25%"]["stages"][0]  # defaults left out: topk is the default selector
     assert stage["scorer"] == {"name": SCORER} and "selector" not in stage
     assert config["plan"]["stages"][0]["selector"] == "topk"
     assert results["trace"]["visual_per_layer"] == [[4, 4, 4, 4]]
@@ -354,22 +359,35 @@ def test_cli_typo_in_a_plugin_setting_names_the_path(plugin, capsys):
 
 
 def test_cli_runs_the_preset_shipped_in_the_package(plugin, tmp_path, capsys):
+    """``plan=text_relevance_25`` needs nothing but the installed package (its ``tokenreduce.conf``
+    entry point names the config folder)."""
     out = tmp_path / "preset"
-    searchpath = importlib.import_module(MODULE).CONF_SEARCHPATH
-    argv = [
-        "run",
-        f"hydra.searchpath=[{searchpath}]",
-        "plan=text_relevance_25",
-        *TINY,
-        "run.max_new_tokens=2",
-        "run.vanilla=false",
-        f"out_dir={out}",
-    ]
+    argv = ["run", "plan=text_relevance_25", *TINY, "run.max_new_tokens=2", "run.vanilla=false", f"out_dir={out}"]
     assert main(argv) == 0, capsys.readouterr().err
     config, results = _run_outputs(out)
     assert config["choices"]["plan"] == "text_relevance_25"
     assert config["resolved_plans"]["text_relevance_25"]["stages"][0]["scorer"]["name"] == SCORER
     assert results["trace"]["visual_per_layer"] == [[16, 16, 4, 4]]
+
+
+def test_the_shipped_preset_in_a_plans_list_and_in_the_listing(plugin, tmp_path, capsys):
+    out = tmp_path / "flops"
+    argv = ["flops", "plans=[text_relevance_25,demo]", *TINY, "flops.n_visual=16", f"out_dir={out}"]
+    assert main(argv) == 0, capsys.readouterr().err
+    _, results = _run_outputs(out)
+    assert list(results["accounting"]) == ["vanilla", "text_relevance_25", "demo"]
+    assert results["accounting"]["text_relevance_25"]["per_layer_visual"] == [16, 16, 4, 4]
+    capsys.readouterr()
+    assert main(["list", f"out_dir={tmp_path / 'list'}"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("text_relevance_25 "))
+    assert f"[{DIST} {VERSION} (entry point 'example_plugin')]" in row
+    listed = json.loads((tmp_path / "list" / "results.json").read_text())["presets"]["plan"]
+    entry = next(p for p in listed if p["name"] == "text_relevance_25")
+    assert entry["origin"].startswith(f"{DIST} {VERSION}") and entry["about"].startswith("text relevance")
+    # Hydra's own search path still works (the preset is found once, not twice)
+    searchpath = importlib.import_module(MODULE).CONF_SEARCHPATH
+    argv = ["flops", f"hydra.searchpath=[{searchpath}]", "plan=text_relevance_25", *TINY, f"out_dir={tmp_path / 'sp'}"]
+    assert main(argv) == 0, capsys.readouterr().err
 
 
 # -- no trace left behind --------------------------------------------------------------------------
@@ -380,3 +398,4 @@ def test_registry_is_normal_without_the_fixture():
     assert MODULE not in sys.modules
     assert not any(ep.value == MODULE for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
     assert SCORER not in {c["name"] for c in tokenreduce.list_components()}
+    assert "text_relevance_25" not in preset_names("plan")

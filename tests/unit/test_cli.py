@@ -24,7 +24,7 @@ def test_demo_with_other_preset_and_override(capsys):
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "with plan random_50" in out
+    assert "with plan random@2:25%" in out  # a preset changed by overrides is named by what it is
     assert [int(line.split()[1]) for line in out.splitlines() if line[:1].isdigit()] == [16, 16, 4, 4]
 
 

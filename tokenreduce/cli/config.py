@@ -27,8 +27,10 @@ __all__ = [
     "FlopsSettings",
     "RunSettings",
     "SuiteSettings",
+    "check_components",
     "check_out_dir",
     "compose_config",
+    "load_plan_file",
     "resolve_plans",
     "setup",
 ]
@@ -47,16 +49,19 @@ class _Section(BaseModel):
 class DemoSettings(_Section):
     """``demo``: the README's main job."""
 
-    prompt: str = "USER: <image> what color is the shape? ASSISTANT:"
-    max_new_tokens: int = Field(default=8, ge=1)
-    repeats: int = Field(default=5, ge=1)
-    seed: int = 0
+    prompt: str = Field(
+        default="USER: <image> what color is the shape? ASSISTANT:",
+        description="the whole prompt, with the image placeholder (adapted to the model's architecture)",
+    )
+    max_new_tokens: int = Field(default=8, ge=1, description="tokens per generate()")
+    repeats: int = Field(default=5, ge=1, description="timed generate() pairs (vanilla, plan); the median is shown")
+    seed: int = Field(default=0, description="seed of the synthetic picture and of a tiny model's weights")
 
 
 class RunSettings(_Section):
     """``run``: one answer with and without the plan."""
 
-    question: str = "what color is the shape?"
+    question: str = Field(default="what color is the shape?", description="the question put in the prompt template")
     prompt: str | None = Field(
         default=None, description="a whole prompt (with the image placeholder) instead of template + question"
     )
@@ -64,26 +69,32 @@ class RunSettings(_Section):
     image_size: list[_Pixels] | None = Field(
         default=None, min_length=2, max_length=2, description="synthetic picture [width, height]"
     )
-    max_new_tokens: int = Field(default=16, ge=1)
-    vanilla: bool = True
-    seed: int = 0
+    max_new_tokens: int = Field(default=16, ge=1, description="greedy answer length limit")
+    vanilla: bool = Field(default=True, description="also answer without the plan, for comparison")
+    seed: int = Field(default=0, description="seed of the synthetic picture (and of synthetic inputs)")
 
 
 class FlopsSettings(_Section):
     """``flops``: accounting options (see ``tokenreduce.measure.flops.account``)."""
 
-    n_visual: int | None = Field(default=None, ge=1)
-    n_text: int | None = Field(default=None, ge=1)
-    kv_dtype_bytes: Literal[1, 2, 4, 8] = 2
-    include_vision: bool = True
-    probe_backward_factor: float = Field(default=2.0, ge=0.0)
+    n_visual: int | None = Field(
+        default=None, ge=1, description="visual tokens per sample; null: model.n_visual, else the config's"
+    )
+    n_text: int | None = Field(default=None, ge=1, description="text tokens per sample; null: model.n_text, else 60")
+    kv_dtype_bytes: Literal[1, 2, 4, 8] = Field(
+        default=2, description="bytes per KV-cache element (2: fp16/bf16, the papers' convention)"
+    )
+    include_vision: bool = Field(default=True, description="count the vision tower and projector in true FLOPs")
+    probe_backward_factor: float = Field(
+        default=2.0, ge=0.0, description="backward cost of a gradient probe (PIO) in forward passes"
+    )
 
 
 class SuiteSettings(_Section):
     """``suite`` (``conf/suite/<name>.yaml``): the plans ``eval`` compares by default."""
 
-    description: str = ""
-    plans: list[str] = Field(default_factory=list, description="plan presets, in order")
+    description: str = Field(default="", description="what the suite compares (shown by tokenreduce list)")
+    plans: list[str] = Field(default_factory=list, description="plan presets or plan files, in order")
     skip_inapplicable: bool = Field(
         default=True, description="skip (with a note) a plan the model cannot run, e.g. CLS attention on Qwen2.5-VL"
     )
@@ -92,21 +103,25 @@ class SuiteSettings(_Section):
 class CLIConfig(_Section):
     """The whole composed config (``plan`` is validated separately as a Plan)."""
 
-    plan: dict[str, Any]
-    model: ModelSettings
-    task: TaskSettings
-    suite: SuiteSettings = SuiteSettings()
-    plans: list[str] | None = None
-    out_dir: str | None = None
+    plan: dict[str, Any] = Field(description="the plan (plan=<preset or file.yaml>; plan.<key>=<value> changes it)")
+    model: ModelSettings = Field(description="the model (model=<preset>; model.<key>=<value> changes it)")
+    task: TaskSettings = Field(description="the task eval runs (task=<preset>)")
+    suite: SuiteSettings = Field(default=SuiteSettings(), description="the plans eval compares by default")
+    plans: list[str] | None = Field(
+        default=None,
+        description="plans to compare: presets, plan files, or 'plan' (the composed plan); "
+        "null: [plan] (eval: the suite)",
+    )
+    out_dir: str | None = Field(default=None, description="output folder; null: outputs/<command>/<date>_<time>")
     prompts: dict[str, str] = Field(
         description="prompt template per architecture (model_type): the image placeholder and {question}"
     )
-    demo: DemoSettings = DemoSettings()
-    run: RunSettings = RunSettings()
-    eval: EvalSettings = EvalSettings()
-    bench: BenchSettings = BenchSettings()
-    flops: FlopsSettings = FlopsSettings()
-    viz: VizSettings = VizSettings()
+    demo: DemoSettings = Field(default=DemoSettings(), description="tokenreduce demo")
+    run: RunSettings = Field(default=RunSettings(), description="tokenreduce run")
+    eval: EvalSettings = Field(default=EvalSettings(), description="tokenreduce eval")
+    bench: BenchSettings = Field(default=BenchSettings(), description="tokenreduce bench")
+    flops: FlopsSettings = Field(default=FlopsSettings(), description="tokenreduce flops")
+    viz: VizSettings = Field(default=VizSettings(), description="tokenreduce viz")
 
 
 # -- one invocation ------------------------------------------------------------------------------
@@ -121,8 +136,27 @@ class Context:
     overrides: list[str]
 
     @property
+    def plan_changes(self) -> list[str]:
+        """The ``plan.<key>`` overrides that change what the plan does (not its name or description)."""
+        keys = ("plan.name=", "plan.description=")
+        return [o for o in self.overrides if o.lstrip("+~").startswith("plan.") and not o.lstrip("+~").startswith(keys)]
+
+    @property
     def plan_modified(self) -> bool:
         return any(o.lstrip("+~").startswith("plan.") for o in self.overrides)
+
+    @property
+    def plan_label(self) -> str:
+        """How the command line chose the plan, for messages: ``plan=<preset>`` or ``plan=<file path>``,
+        with ``*`` when ``plan.*`` overrides changed it."""
+        from tokenreduce.core.conf import file_option
+
+        given = [o.split("=", 1)[1] for o in self.overrides if o.lstrip("+").startswith("plan=")]
+        label = given[-1] if given and file_option(given[-1]) is not None else self.choices.get("plan")
+        return f"plan={label}" + ("*" if self.plan_changes else "")
+
+    def _plan_key_set(self, key: str) -> bool:
+        return any(o.lstrip("+~").startswith(f"plan.{key}=") for o in self.overrides)
 
     def overridden(self, group: str) -> bool:
         """Whether the command line chose ``group=...`` or changed ``group.<key>``."""
@@ -130,8 +164,36 @@ class Context:
 
     @property
     def plan_name(self) -> str:
+        """The composed plan's name: ``plan.name=`` when the command line sets it; else the preset's
+        name (a plan file's stem), unless ``plan.*`` overrides changed what it does: then a name
+        derived from its stages (:func:`~tokenreduce.core.plan.derived_name`, e.g. ``fastv@2:32``)."""
+        if self._plan_key_set("name") and self.cfg.plan.get("name"):
+            return str(self.cfg.plan["name"])
         name = self.choices.get("plan") or "plan"
-        return f"{name}*" if self.plan_modified else name
+        if not self.plan_changes:
+            return name
+        from tokenreduce.core.plan import derived_name, parse_plan
+
+        try:
+            return derived_name(parse_plan({k: v for k, v in self.cfg.plan.items() if k != "name"}))
+        except TokenReduceError:  # invalid: resolve_plans reports it
+            return f"{name}*"
+
+    def composed_plan(self) -> Any:
+        """The validated :class:`~tokenreduce.core.plan.Plan` of ``plan`` with its overrides, named
+        by :attr:`plan_name`; a preset changed by overrides is described by what it now does."""
+        from tokenreduce.core.plan import derived_description, parse_plan
+
+        choice = self.choices.get("plan")
+        data = {**self.cfg.plan, "name": self.plan_name}
+        try:
+            plan = parse_plan(data)
+        except TokenReduceError as exc:
+            raise TokenReduceError(str(exc).replace("invalid plan:", f"invalid plan ({self.plan_label}):", 1)) from None
+        if (self.plan_changes and not self._plan_key_set("description")) or not plan.description:
+            changed = f" (plan={choice} changed by {' '.join(self.plan_changes)})" if self.plan_changes else ""
+            plan = plan.model_copy(update={"description": derived_description(plan) + changed})
+        return plan
 
     @property
     def model_name(self) -> str:
@@ -163,7 +225,9 @@ def compose_config(overrides: Sequence[str]) -> tuple[dict[str, Any], dict[str, 
         # Hydra's composition without its process-wide state (a user's own Hydra app is unaffected)
         return compose_with_choices(list(overrides))
     except PlanError as exc:
-        raise TokenReduceError(_override_error(exc.__cause__ or exc, list(overrides))) from None
+        if exc.__cause__ is None:  # tokenreduce's own message (a plan file that does not exist)
+            raise TokenReduceError(str(exc)) from None
+        raise TokenReduceError(_override_error(exc.__cause__, list(overrides))) from None
 
 
 def _override_error(exc: Exception, overrides: list[str]) -> str:
@@ -192,10 +256,14 @@ def _override_error(exc: Exception, overrides: list[str]) -> str:
                 break
     where = f"invalid override {culprit!r}" if culprit else f"invalid override(s) {overrides}"
     if isinstance(exc, MissingConfigException) and exc.options and exc.missing_cfg_file:
+        from tokenreduce.core.conf import did_you_mean
+
         group, _, name = exc.missing_cfg_file.rpartition("/")
+        suggestion = did_you_mean(name, exc.options)
         return (
-            f"{where}: no {group} preset {name!r} (no conf/{exc.missing_cfg_file}.yaml, {exc.missing_cfg_file!r} not "
-            f"found); known {group} presets: {', '.join(sorted(exc.options))}"
+            f"{where}: no {group} preset {name!r}{f' ({suggestion})' if suggestion else ''} (no "
+            f"conf/{exc.missing_cfg_file}.yaml, {exc.missing_cfg_file!r} not found); known {group} presets: "
+            f"{', '.join(sorted(exc.options))} (or a {group} file: {group}=path/to/file.yaml)"
         )
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     lines = [line for line in lines if not line.startswith("See https://hydra.cc")]
@@ -304,8 +372,11 @@ def resolve_plans(
     ctx: Context, default_to_plan: bool = True, entries: Sequence[str] | None = None, field: str = "plans"
 ) -> dict[str, Any]:
     """Display name -> validated :class:`~tokenreduce.core.plan.Plan` for ``entries`` (default:
-    ``plans``, or ``[plan]`` when that is null)."""
-    from tokenreduce.core.plan import parse_plan
+    ``plans``, or ``[plan]`` when that is null).  An entry is a preset (built-in or a plugin's), a
+    plan file (``path/to/my_plan.yaml``, named after its stem) or ``plan`` (the composed plan).
+    Every plan's components are looked up and their settings validated here, before any model is
+    loaded."""
+    from tokenreduce.core.conf import did_you_mean, file_option
     from tokenreduce.core.presets import load_preset, preset_names
 
     if entries is None:
@@ -313,24 +384,68 @@ def resolve_plans(
     known = preset_names("plan")
     plans: dict[str, Any] = {}
     for i, entry in enumerate(entries):
+        where = f"{field}.{i}={entry!r}"
         if entry == PLAN_ENTRY:
-            name = ctx.plan_name
-            try:
-                plan = parse_plan({"name": name, **{k: v for k, v in ctx.cfg.plan.items() if k != "name"}})
-            except TokenReduceError as exc:
-                raise TokenReduceError(
-                    str(exc).replace("invalid plan:", f"invalid plan (plan={ctx.choices.get('plan')}):", 1)
-                ) from None
+            name, plan = ctx.plan_name, ctx.composed_plan()
+            where = ctx.plan_label
+        elif file_option(entry) is not None:
+            plan = load_plan_file(entry, where)
+            name = plan.name
         elif entry in known:
             name, plan = entry, load_preset(entry)
         else:
+            suggestion = did_you_mean(entry, [*known, PLAN_ENTRY])
             raise TokenReduceError(
-                f"{field}.{i}={entry!r}: unknown plan preset; known presets: {', '.join(known)} "
-                f"(or {PLAN_ENTRY!r} for the composed plan with its plan.* overrides)"
+                f"{where}: unknown plan preset{f' ({suggestion})' if suggestion else ''}; known presets: "
+                f"{', '.join(known)} (or {PLAN_ENTRY!r} for the composed plan with its plan.* overrides, or a plan "
+                "file path ending in .yaml)"
             )
+        check_components(plan, where)
         if name in plans or name == "vanilla":
-            raise TokenReduceError(
-                f"{field}.{i}={entry!r}: the name {name!r} is used twice (or is reserved); list each plan once"
-            )
+            raise TokenReduceError(f"{where}: the name {name!r} is used twice (or is reserved); list each plan once")
         plans[name] = plan
     return plans
+
+
+def load_plan_file(entry: str, where: str) -> Any:
+    """The validated :class:`~tokenreduce.core.plan.Plan` of the YAML file ``entry`` (composed like a
+    preset, so a file may use Hydra's defaults list), named after the file's stem and described
+    by its stages when it has no ``description``.  Errors start with ``where``."""
+    from tokenreduce.core.conf import compose_with_choices, file_option
+    from tokenreduce.core.errors import PlanError
+    from tokenreduce.core.plan import derived_description, parse_plan
+
+    path = file_option(entry)
+    assert path is not None, entry
+    try:
+        data, _ = compose_with_choices([f"plan={entry}"])
+    except PlanError as exc:
+        if exc.__cause__ is None:
+            raise TokenReduceError(f"{where}: {str(exc).split(': ', 1)[-1]}") from None
+        detail = _override_error(exc.__cause__, [f"plan={entry}"]).split(": ", 1)[-1]
+        raise TokenReduceError(f"{where}: {detail}") from None
+    body = data.get("plan")
+    if not isinstance(body, dict):
+        raise TokenReduceError(f"{where}: the file holds no plan mapping (stages, positions, description, ...)")
+    try:
+        plan = parse_plan({**body, "name": path.stem})
+    except TokenReduceError as exc:
+        raise TokenReduceError(str(exc).replace("invalid plan:", f"invalid plan ({where}):", 1)) from None
+    if not plan.description:
+        plan = plan.model_copy(update={"description": derived_description(plan)})
+    return plan
+
+
+def check_components(plan: Any, where: str) -> None:
+    """Look up every scorer and selector of ``plan`` in the registry and validate their settings
+    (no model needed), so that a misspelt name stops the command before the model loads.
+
+    Raises:
+        TokenReduceError: an unknown name (with the closest known ones) or a bad setting, after ``where``.
+    """
+    from tokenreduce.core.plan import build_plan
+
+    try:
+        build_plan(plan)
+    except TokenReduceError as exc:
+        raise TokenReduceError(f"{where}: {exc}") from None

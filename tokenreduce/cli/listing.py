@@ -14,7 +14,7 @@ __all__ = ["cmd_list"]
 
 
 def cmd_list(argv: Sequence[str]) -> int:
-    from tokenreduce.core.presets import conf_dir, preset_names
+    from tokenreduce.core.conf import conf_dir, preset_conflicts, preset_names, preset_origin, preset_path
     from tokenreduce.core.registry import STRICT_ENV, broken_plugins, list_components
 
     folder = None
@@ -38,11 +38,17 @@ def cmd_list(argv: Sequence[str]) -> int:
     for group in groups:
         entries = []
         for name in preset_names(group):
-            entries.append({"name": name, "about": _preset_summary(conf_dir() / group / f"{name}.yaml")})
+            path, origin = preset_path(group, name), preset_origin(group, name) or ""
+            entries.append({"name": name, "about": _preset_summary(path) if path else "", "origin": origin})
         presets[group] = entries
     for group, entries in presets.items():
-        print(f"\n{group} presets (conf/{group}, use {group}=<name>):")
-        print(format_table([[e["name"], e["about"]] for e in entries], ["name", "about"]))
+        print(f"\n{group} presets (conf/{group} and plugins, use {group}=<name>):")
+        table = [
+            [e["name"], e["about"] + ("" if e["origin"] == "tokenreduce" else f" [{e['origin']}]")] for e in entries
+        ]
+        print(format_table(table, ["name", "about"]))
+        for name, origins in preset_conflicts(group).items():
+            print(f"note: {group} preset {name!r} is defined by {' and '.join(origins)}; the first one is used")
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         data = {"components": components, "broken_plugins": broken, "presets": presets}

@@ -13,10 +13,14 @@ __all__ = ["cmd_plans"]
 def cmd_plans(argv: Sequence[str]) -> int:
     import argparse
 
+    from tokenreduce.cli.config import load_plan_file
+    from tokenreduce.core.conf import did_you_mean, file_option
     from tokenreduce.core.presets import load_preset, preset_names
 
     parser = argparse.ArgumentParser(prog="tokenreduce plans", description="keep counts and layer averages of presets")
-    parser.add_argument("names", nargs="*", help="presets (default: all)")
+    parser.add_argument(
+        "names", nargs="*", help="plan presets or plan files (path/to/my_plan.yaml); default: all presets"
+    )
     parser.add_argument(
         "--depth", type=_positive("decoder layers"), default=32, help="decoder layers, >= 1 (LLaVA-1.5-7B: 32)"
     )
@@ -27,9 +31,19 @@ def cmd_plans(argv: Sequence[str]) -> int:
         help="visual tokens entering the LLM, >= 1 (LLaVA-1.5: 576)",
     )
     args = parser.parse_args(argv)
+    known = preset_names("plan")
     rows = []
-    for name in args.names or preset_names("plan"):
-        plan = load_preset(name)
+    for i, name in enumerate(args.names or known):
+        if file_option(name) is not None:
+            plan = load_plan_file(name, f"names.{i}={name!r}")
+        elif name in known:
+            plan = load_preset(name)
+        else:
+            suggestion = did_you_mean(name, known)
+            raise TokenReduceError(
+                f"unknown plan preset {name!r}{f' ({suggestion})' if suggestion else ''}; known presets: "
+                f"{', '.join(known)} (or a plan file path ending in .yaml)"
+            )
         layers = [s.layer for s in plan.stages]
         try:
             counts = plan.keep_counts(args.visual, args.depth)

@@ -185,9 +185,13 @@ class Stage(_Strict):
     """One cut: before decoder layer ``layer``, keep ``keep`` visual tokens."""
 
     layer: int = Field(ge=0, description="cut before this decoder layer (0 = before the first)")
-    keep: Keep
-    scorer: ComponentRef | None = None
-    selector: ComponentRef = ComponentRef(name="topk")
+    keep: Keep = Field(description=f"visual tokens to keep: {KEEP_FORMS}")
+    scorer: ComponentRef | None = Field(
+        default=None, description="registry name, or {name: ..., <settings>}; null: none (a score-free selector)"
+    )
+    selector: ComponentRef = Field(
+        default=ComponentRef(name="topk"), description="registry name, or {name: ..., <settings>}"
+    )
     positions: PositionPolicy | None = Field(default=None, description="overrides Plan.positions")
 
     @field_validator("keep", mode="before")
@@ -215,11 +219,15 @@ class Stage(_Strict):
 class Plan(_Strict):
     """An ordered list of stages applied in one forward pass."""
 
-    name: str | None = None
-    description: str = ""
-    positions: PositionPolicy = "keep"
-    layer_average: LayerAverage | None = None
-    stages: list[Stage] = Field(default_factory=list)
+    name: str | None = Field(default=None, description="shown in tables; default: the preset's name or file stem")
+    description: str = Field(default="", description="one line on what the plan does")
+    positions: PositionPolicy = Field(
+        default="keep", description="positions of the kept tokens: keep (original ids, gaps) or renumber (contiguous)"
+    )
+    layer_average: LayerAverage | None = Field(
+        default=None, description="target visual tokens per layer, {tokens: T} or {ratio: t}; with keep={weight: w}"
+    )
+    stages: list[Stage] = Field(default_factory=list, description="the cuts, in increasing layer order")
     adapter: dict[str, Any] = Field(
         default_factory=dict,
         description="options for the model's adapter (validated by its Settings when the plan is built), "
@@ -324,6 +332,66 @@ class Plan(_Strict):
             f"first {first} of {n_layers} layers see all {n_visual}, an average of at least {floor_tokens:g} per "
             f"layer; {fix}.tokens above {floor_tokens:g}"
         )
+
+
+# -- names of composed plans ------------------------------------------------------------------------
+def _method_label(stage: Stage) -> str:
+    scorer = stage.scorer.name if stage.scorer is not None else None
+    if scorer is None:
+        return stage.selector.name
+    return scorer if stage.selector.name == "topk" else f"{scorer}/{stage.selector.name}"
+
+
+def _keep_label(keep: Tokens | Ratio | Weight) -> str:
+    if isinstance(keep, Tokens):
+        return str(keep.tokens)
+    if isinstance(keep, Ratio):
+        return f"{keep.ratio * 100:.4g}%" + ("orig" if keep.of == "original" else "")
+    return f"w{keep.weight:.4g}"
+
+
+def _keep_words(keep: Tokens | Ratio | Weight) -> str:
+    if isinstance(keep, Tokens):
+        return f"{keep.tokens} visual tokens"
+    if isinstance(keep, Ratio):
+        whose = "of the visual tokens entering the stage" if keep.of == "current" else "of the original visual tokens"
+        return f"{keep.ratio * 100:.4g}% {whose}"
+    return f"weight {keep.weight:.4g} of the layer-average target"
+
+
+def _target_label(target: LayerAverage) -> str:
+    return f"{target.tokens:.4g}" if target.tokens is not None else f"{(target.ratio or 0) * 100:.4g}%"
+
+
+def derived_name(plan: Plan) -> str:
+    """A name that says what ``plan`` does, from its stages: ``<method>@<layer>:<keep>`` per stage
+    joined by ``+`` (method: the scorer, ``scorer/selector`` when the selector is not ``topk``,
+    or the selector alone; keep: a count, ``25%`` of the tokens entering, ``25%orig`` of the
+    original ones, ``w1`` a weight), ``~avg<target>`` with a layer-average target; ``no_cut`` for
+    a plan without stages.  Used for a preset changed by overrides (``docs/cli.md``).
+
+    >>> derived_name(Plan(stages=[{"layer": 2, "keep": 32, "scorer": "fastv"}]))
+    'fastv@2:32'
+    """
+    name = "+".join(f"{_method_label(st)}@{st.layer}:{_keep_label(st.keep)}" for st in plan.stages) or "no_cut"
+    if plan.layer_average is not None:
+        name += f"~avg{_target_label(plan.layer_average)}"
+    return name
+
+
+def derived_description(plan: Plan) -> str:
+    """One line that says what ``plan`` does, from its stages: per stage the cut layer, the budget,
+    the scorer and the selector; then the position policy and the layer-average target."""
+    parts = []
+    for st in plan.stages:
+        by = f"{st.scorer.name} scores, {st.selector.name} selector" if st.scorer else f"{st.selector.name} selector"
+        where = f", positions {st.positions}" if st.positions else ""
+        parts.append(f"before layer {st.layer} keep {_keep_words(st.keep)} ({by}{where})")
+    text = "; ".join(parts) or "no cut (every visual token kept)"
+    text += f"; positions {plan.positions}"
+    if plan.layer_average is not None:
+        text += f"; layer average {_target_label(plan.layer_average)}"
+    return text
 
 
 def _round_half_up(x: float) -> int:

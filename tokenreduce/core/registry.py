@@ -43,6 +43,7 @@ import pluggy
 from pydantic import BaseModel
 
 from .arch import ArchSpec
+from .conf import did_you_mean, reset_plugin_conf
 from .errors import (
     DuplicateComponentError,
     PluginLoadError,
@@ -395,6 +396,9 @@ class Registry:
                 raise err from broken.error
         known = sorted(n for k, n in self._entries if k == kind)
         message = f"unknown {kind} {name!r}{where}; known {kind}s: {', '.join(known) or '(none)'}"
+        suggestion = did_you_mean(name, known)
+        if suggestion:
+            message += f"; {suggestion}"
         unknown_parts = [b for b in self._broken if not b.complete]
         if unknown_parts:
             message += f". {len(unknown_parts)} plugin(s) failed to load and may provide it: " + "; ".join(
@@ -542,10 +546,12 @@ def get_registry() -> Registry:
 
 
 def reset_registry() -> None:
-    """Forget the process-wide registry (it is rebuilt on next use, e.g. after installing a plugin)."""
+    """Forget the process-wide registry and the plugins' config folders (both are read again on
+    next use, e.g. after installing a plugin)."""
     global _registry
     with _lock:
         _registry = None
+    reset_plugin_conf()
 
 
 def list_components(kind: str | None = None) -> list[dict[str, str]]:

@@ -11,7 +11,9 @@ implementation that registers it.  ``pyproject.toml`` points the entry-point gro
 After ``pip install``, ``tokenreduce.list_components()`` (and ``tokenreduce list``) show the
 scorer with this distribution as its origin, and every plan can name it: in Python
 (``tokenreduce.apply(model, {"stages": [{"layer": 2, "keep": 64, "scorer": "text_relevance"}]})``),
-in a YAML plan, or as a Hydra override (``plan.stages.0.scorer=text_relevance``).
+in a YAML plan, or as a Hydra override (``plan.stages.0.scorer=text_relevance``).  Its plan
+preset ``conf/plan/text_relevance_25.yaml`` is found through the second entry-point group,
+``tokenreduce.conf`` (``plan=text_relevance_25``, ``plans=[text_relevance_25,demo]``).
 
 The method: ``text_relevance``
 ------------------------------
@@ -64,8 +66,9 @@ from tokenreduce import Need, TokenView, hookimpl
 __version__ = "0.1.0"
 __all__ = ["TextRelevanceScorer", "question_mask", "visual_slot_mask", "tokenreduce_register"]
 
-#: Hydra search path of the plan presets shipped with this package (``conf/plan/*.yaml``):
-#: ``tokenreduce run hydra.searchpath=[pkg://tokenreduce_example_plugin.conf] plan=text_relevance_25``
+#: Hydra search path of the plan presets shipped with this package (``conf/plan/*.yaml``).  Not
+#: needed by tokenreduce, which finds them through the ``tokenreduce.conf`` entry point
+#: (``tokenreduce run plan=text_relevance_25``); for a Hydra application of your own.
 CONF_SEARCHPATH = "pkg://tokenreduce_example_plugin.conf"
 
 _EPS = 1e-8  # norm floor of the cosine: a zero vector has cosine 0 with everything

@@ -1,4 +1,5 @@
 """Hydra config folder of tokenreduce-example-plugin (plan presets in ``plan/``).
 
-Add it to tokenreduce's search path with ``hydra.searchpath=[pkg://tokenreduce_example_plugin.conf]``.
+``pyproject.toml`` names this package under the entry-point group ``tokenreduce.conf``, so its
+presets are used by name: ``tokenreduce run plan=text_relevance_25``.
 """
