@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,7 +25,8 @@ def cmd_eval(overrides: Sequence[str]) -> int:
     ctx = setup("eval", overrides)
     use_suite = ctx.cfg.plans is None and not ctx.overridden("plan")
     plans = {} if use_suite else resolve_plans(ctx)
-    loaded = ctx.load()
+    with _quiet_loading_bars(ctx.cfg.eval.progress):
+        loaded = ctx.load()
     if loaded.processor is None:
         raise TokenReduceError(
             f"eval needs a model with a processor (kind tiny or pretrained); model {ctx.model_name!r} is kind {loaded.kind!r}"
@@ -61,10 +65,51 @@ def cmd_eval(overrides: Sequence[str]) -> int:
         f"torch {torch.__version__}, {ctx.cfg.eval.threads or torch.get_num_threads()} thread(s), {platform.machine()}; "
         f"FLOPs: mean prefill FLOPs per question (docs/measurement.md); s: wall time of each configuration's generate() calls."
     )
+    written = ["results.md"]
+    if ctx.cfg.eval.plot:
+        written += _plot(result, folder, ctx.cfg.eval.plot_metric, info)
+    if ctx.cfg.eval.log_samples:
+        paths = result.write_samples(folder / "samples")
+        written.append(f"samples/ ({len(paths)} JSONL files, {len(examples)} lines each)")
     (folder / "results.md").write_text(result.markdown(about))
     write_outputs(ctx, folder, {"model": info, **result.to_dict()}, plans)
-    progress_note(folder, ["results.md"])
+    progress_note(folder, written)
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_loading_bars(progress: bool) -> Iterator[None]:
+    """Hide transformers' weight-loading bar when stderr is not a terminal (a log file would get its
+    carriage-return redraws) or when progress is off; restore the previous setting afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    isatty = getattr(sys.stderr, "isatty", None)
+    quiet = not progress or not (isatty and isatty())
+    enabled = hf_logging.is_progress_bar_enabled()
+    if quiet and enabled:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and enabled:
+            hf_logging.enable_progress_bar()
+
+
+def _plot(result, folder: Path, metric: str, info: dict[str, Any]) -> list[str]:
+    """``accuracy_cost.png`` and ``.svg`` (tokenreduce.measure.plots); a note instead when there
+    is nothing to draw (retention with a vanilla accuracy of 0)."""
+    from tokenreduce.measure.plots import plot_accuracy_cost
+
+    task = result.task
+    title = f"{info['name']} on {task.get('name')} ({task.get('split')}, {task.get('n')} questions)"
+    try:
+        plot = plot_accuracy_cost([("", result.metrics)], folder / "accuracy_cost", metric=metric, title=title)
+    except TokenReduceError as exc:
+        note = f"no plot: {exc}"
+        result.notes.append(note)
+        print(f"note: {note}")
+        return []
+    return [p.name for p in plot.files]
 
 
 def _suite_plans(ctx: Context, model) -> tuple[dict[str, Any], list[str]]:

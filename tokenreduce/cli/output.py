@@ -15,19 +15,33 @@ from pydantic import BaseModel
 
 from tokenreduce.cli.config import Context
 
-__all__ = ["clamp_summary", "jsonable", "out_dir", "progress_note", "trace_dict", "trace_rows", "write_outputs"]
+__all__ = [
+    "clamp_summary",
+    "jsonable",
+    "out_dir",
+    "output_folder",
+    "progress_note",
+    "trace_dict",
+    "trace_rows",
+    "write_outputs",
+]
 
 
 def out_dir(ctx: Context) -> Path:
     """The command's output folder (created): ``out_dir``, or a fresh ``outputs/<command>/<time>``."""
-    if ctx.cfg.out_dir:
-        path = Path(ctx.cfg.out_dir).expanduser()
+    return output_folder(ctx.command, ctx.cfg.out_dir)
+
+
+def output_folder(command: str, given: str | Path | None = None) -> Path:
+    """``given`` (created), or a fresh ``outputs/<command>/<date>_<time>`` under the working directory."""
+    if given:
+        path = Path(given).expanduser()
     else:
         stamp = _dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-        path = Path("outputs") / ctx.command / stamp
+        path = Path("outputs") / command / stamp
         n = 1
         while path.exists():
-            path = Path("outputs") / ctx.command / f"{stamp}-{n}"
+            path = Path("outputs") / command / f"{stamp}-{n}"
             n += 1
     path.mkdir(parents=True, exist_ok=True)
     return path

@@ -42,6 +42,8 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from .progress import progress_bar
+
 __all__ = [
     "BenchSettings",
     "Stat",
@@ -88,7 +90,7 @@ class BenchSettings(BaseModel):
     threads: int | None = Field(
         default=None, ge=1, description="torch.set_num_threads for the run (default: leave as is)"
     )
-    progress: bool = Field(default=True, description="show a progress bar on stderr")
+    progress: bool = Field(default=True, description="progress on stderr: a bar on a terminal, else one line per run")
     seed: int = 0
 
 
@@ -439,7 +441,8 @@ def benchmark(
             name); every plan is validated against the model before anything is timed.
         settings: :class:`BenchSettings` (warm-up, repeats, tokens, threads, progress).
         vanilla: include the unreduced model (the reference of the speed-ups).
-        progress_factory: ``tqdm``-like callable (``total=``, ``desc=``, ``disable=``); default tqdm.
+        progress_factory: ``tqdm``-like callable (``total=``, ``desc=``, ``disable=``); default
+            :func:`tokenreduce.measure.progress.progress_bar` (a bar on a terminal, else a line per run).
 
     Returns:
         a :class:`BenchResult`; ``speedup`` of a plan is vanilla median / plan median per metric
@@ -465,10 +468,11 @@ def benchmark(
     }
     traces: dict[str, Any] = {}
     mem_method = PeakMemory(device).method
-    if progress_factory is None:
-        from tqdm.auto import tqdm as progress_factory
     total = (settings.warmup + settings.repeats) * len(names)
-    bar = progress_factory(total=total, desc="bench", disable=not settings.progress, leave=False)
+    if progress_factory is None:  # a bar on a terminal, one line per run elsewhere (tokenreduce.measure.progress)
+        bar = progress_bar(total, "bench", enabled=settings.progress)
+    else:
+        bar = progress_factory(total=total, desc="bench", disable=not settings.progress, leave=False)
     try:
         with _threads(settings.threads):
             for rep in range(settings.warmup + settings.repeats):

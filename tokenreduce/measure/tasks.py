@@ -15,14 +15,22 @@ against vanilla, FLOPs in both conventions and KV-cache bytes from the accountin
 trace's actual per-sample counts (:func:`tokenreduce.measure.flops.account`; KV bytes at the
 model's dtype, e.g. 4 bytes per element in fp32), the layer average of visual tokens, and wall
 time.
+
+With ``log_samples`` the result also holds one record per question and configuration (the
+question, gold answer, prediction, kept visual tokens per stage, first-token KL), which
+:meth:`EvalResult.write_samples` writes as one JSONL file per configuration (docs/cli.md).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import random
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -31,6 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tokenreduce.core.errors import TokenReduceError
 
 from . import fidelity
+from .progress import progress_bar
 
 __all__ = [
     "TaskSettings",
@@ -68,9 +77,21 @@ class EvalSettings(BaseModel):
 
     batch_size: int = Field(default=8, ge=1, description="questions per generate() (left padding)")
     max_new_tokens: int = Field(default=8, ge=1, description="greedy answer length limit")
-    progress: bool = Field(default=True, description="show a progress bar on stderr")
+    progress: bool = Field(
+        default=True,
+        description="progress on stderr: a bar on a terminal, else one line per configuration",
+    )
     warmup: bool = Field(default=True, description="one untimed generate() of the first batch before timing")
     keep_answers: bool = Field(default=True, description="write every answer of every plan into results.json")
+    log_samples: bool = Field(
+        default=False,
+        description="write samples/<config>.jsonl: one line per question (question, gold answer, prediction, "
+        "kept visual tokens per stage, first-token KL)",
+    )
+    plot: bool = Field(default=True, description="write accuracy_cost.png and .svg (accuracy against FLOPs and time)")
+    plot_metric: Literal["accuracy", "retention"] = Field(
+        default="accuracy", description="the y axis of the plot: accuracy, or retention (accuracy / vanilla accuracy)"
+    )
     threads: int | None = Field(
         default=None,
         ge=1,
@@ -149,6 +170,8 @@ class PlanOutputs:
         clamped_samples, clamped_stages: examples whose keep count was clamped at some stage
             (the plan asked for more than the stage had, or a ratio rounded to 0), and the
             clamped (stage, example) pairs (``StageTrace.requested`` vs ``kept``).
+        stage_layers: the cut layer of each stage (empty for vanilla).
+        kept_per_stage: per example, the visual tokens each stage kept (``StageTrace.visual_after``).
     """
 
     name: str
@@ -163,19 +186,53 @@ class PlanOutputs:
     select_seconds: float = 0.0
     clamped_samples: int = 0
     clamped_stages: int = 0
+    stage_layers: list[int] = field(default_factory=list)
+    kept_per_stage: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
 class EvalResult:
-    """Metrics per configuration (vanilla first) plus the examples and per-example answers."""
+    """Metrics per configuration (vanilla first) plus the examples and per-example answers.
+
+    ``samples`` (filled when ``EvalSettings.log_samples`` is on): configuration name -> one
+    record per example, in example order, with the keys ``doc_id`` (position in the evaluated
+    subset), ``question_id`` (index in the split's question list), ``image_id``, ``question``,
+    ``answer`` (gold), ``prediction``, ``correct``, ``first_token_agree`` (with vanilla),
+    ``first_token_kl`` (KL(vanilla || this configuration) of the first token, nats),
+    ``stage_layers`` and ``kept_per_stage`` (the cut layer and the visual tokens kept by each
+    stage; empty for vanilla), ``visual_tokens`` (before any cut) and ``layer_average``.
+    """
 
     task: dict[str, Any]
     metrics: list[dict[str, Any]]
     examples: list[dict[str, Any]]
     notes: list[str]
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """``task``, ``metrics``, ``notes``, ``examples`` (the samples go to :meth:`write_samples`)."""
         return {"task": self.task, "metrics": self.metrics, "notes": self.notes, "examples": self.examples}
+
+    def write_samples(self, folder: str | Path) -> list[Path]:
+        """Write ``folder/<config>.jsonl`` for every configuration (one JSON object per line, keys as
+        in the class docstring; a name's characters other than letters, digits, ``._-`` become
+        ``_``) and return the paths.  Raises when the result holds no samples."""
+        if not self.samples:
+            raise TokenReduceError("write_samples: this result has no samples; evaluate with eval.log_samples=true")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        paths, used = [], set()
+        for name, records in self.samples.items():
+            stem = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "config"
+            while stem in used:  # two names that sanitise alike
+                stem += "_"
+            used.add(stem)
+            path = folder / f"{stem}.jsonl"
+            with path.open("w") as f:
+                for record in records:
+                    f.write(json.dumps(record, allow_nan=False) + "\n")
+            paths.append(path)
+        return paths
 
     _COLUMNS = (
         ("config", "name", "{}"),
@@ -334,9 +391,11 @@ def _generate(
             outputs.n_visual.append(n_vis[b])
             outputs.n_text.append(n_txt[b])
             outputs.visual_per_layer.append(per_layer)
+            outputs.kept_per_stage.append([st.visual_after[b] for st in trace.stages] if trace is not None else [])
             plan_obj = compiled[1].plan if compiled is not None else None
             outputs.accounting.append(accountant(name, plan_obj, n_vis[b], n_txt[b], trace, b, per_layer))
         if trace is not None:
+            outputs.stage_layers = [st.layer for st in trace.stages]
             outputs.select_seconds += sum(st.seconds for st in trace.stages)
             pairs = trace.clamped()
             outputs.clamped_stages += len(pairs)
@@ -389,15 +448,17 @@ def evaluate(
     compiled = {name: tokenreduce.compile_for(loaded.model, plan) for name, plan in plans.items()}
     notes: list[str] = []
     accountant = _Accountant(loaded.model.config, notes, kv_dtype_bytes=loaded.dtype.itemsize)
-    if progress_factory is None:
-        from tqdm.auto import tqdm as progress_factory
     names = [VANILLA, *plans]
     runs: dict[str, PlanOutputs] = {}
     batches = _Batches(loaded, examples, settings, template, question_format)
     threads_before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    bar = progress_factory(total=len(examples) * len(names), desc="eval", disable=not settings.progress, leave=False)
+    total = len(examples) * len(names)
+    if progress_factory is None:  # a bar on a terminal, one line per configuration elsewhere
+        bar = progress_bar(total, "eval", enabled=settings.progress)
+    else:
+        bar = progress_factory(total=total, desc="eval", disable=not settings.progress, leave=False)
     try:
         if settings.warmup:  # the first generate() pays one-off costs that would be charged to vanilla
             _, first, _, _ = batches.get(0)
@@ -464,4 +525,37 @@ def evaluate(
         if settings.keep_answers:
             row["answers"] = {name: runs[name].answers[i] for name in names}
         per_example.append(row)
-    return EvalResult(task=dict(task_info or {}), metrics=metrics, examples=per_example, notes=notes)
+    samples = _samples(examples, runs, names) if settings.log_samples else {}
+    return EvalResult(task=dict(task_info or {}), metrics=metrics, examples=per_example, notes=notes, samples=samples)
+
+
+def _samples(examples: list[Example], runs: Mapping[str, PlanOutputs], names: list[str]) -> dict[str, list[dict]]:
+    """The per-example records of every configuration (keys: :class:`EvalResult`)."""
+    base = runs[VANILLA]
+    samples = {}
+    for name in names:
+        run = runs[name]
+        kl = fidelity.first_token_kl(base.first_logits, run.first_logits, reduction="none")
+        records = []
+        for i, ex in enumerate(examples):
+            per_layer = run.visual_per_layer[i]
+            kl_i = float(kl[i])
+            records.append(
+                {
+                    "doc_id": i,
+                    "question_id": ex.index,
+                    "image_id": ex.image_id,
+                    "question": ex.question,
+                    "answer": ex.answer,
+                    "prediction": run.answers[i],
+                    "correct": fidelity.accuracy([run.answers[i]], [ex.answer]) == 1.0,
+                    "first_token_agree": base.tokens[i][:1] == run.tokens[i][:1],
+                    "first_token_kl": kl_i if math.isfinite(kl_i) else None,
+                    "stage_layers": list(run.stage_layers),
+                    "kept_per_stage": run.kept_per_stage[i],
+                    "visual_tokens": run.n_visual[i],
+                    "layer_average": sum(per_layer) / len(per_layer),
+                }
+            )
+        samples[name] = records
+    return samples
