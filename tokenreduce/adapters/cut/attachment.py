@@ -23,7 +23,7 @@ from torch import Tensor
 from tokenreduce.core.checks import check_scores, check_selection
 from tokenreduce.core.errors import AlreadyAttachedError, PlanError
 from tokenreduce.core.plan import ClampWarning, CompiledPlan, CompiledStage
-from tokenreduce.core.types import Need, StageTrace, TokenView, Trace
+from tokenreduce.core.types import VISION_NEEDS, StageTrace, TokenView, Trace
 
 from ..llama_signals import LlamaSignals
 from ..vision_signals import VisionCapture, VisionSignals
@@ -38,8 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["VISION_NEEDS", "AlreadyAttachedError", "CutAttachment", "StageState", "attachment_of", "check_unattached"]
 
-#: the signals read from the vision tower (captured by :class:`VisionCapture`)
-VISION_NEEDS = Need.VISION_CLS_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
 
 #: top-level forward kwargs not kept after the prefill (large, and no layout reads them)
 _NOT_KEPT = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs", "past_key_values", "inputs_embeds")
@@ -115,14 +113,33 @@ def vision_capture(adapter: DecoderAdapter, plan: CompiledPlan) -> VisionCapture
     return VisionCapture(tower, layers)
 
 
+def _layout_of(adapter: DecoderAdapter, input_ids: Tensor | None, visual: Tensor, context: dict):
+    """The trace's grid layout of one prefill (``Trace.layout``): computed on first use from what
+    the prefill saw, so a later prefill under the same attachment does not change it."""
+
+    def layout() -> tuple[Tensor, Tensor]:
+        assert input_ids is not None
+        grid = adapter.visual_grid(input_ids, visual, context)  # [B, S, 3]
+        newline = adapter.visual_newlines(context)
+        flag = newline.long() if newline is not None else torch.zeros_like(grid[..., 0])
+        return visual, torch.cat([grid, flag.unsqueeze(-1)], dim=-1)
+
+    return layout
+
+
 class CutAttachment:
     """A compiled plan attached to a VLM through its adapter.  Context manager; ``detach()`` is
     idempotent and leaves the model computing exactly what it computed before."""
 
-    def __init__(self, adapter: DecoderAdapter, plan: CompiledPlan):
+    #: record each scoring stage's scores in the trace (``StageTrace.scores`` / ``scored``), for
+    #: heat-maps (``tokenreduce viz``); off by default: nothing is copied to the host
+    record_scores: bool = False
+
+    def __init__(self, adapter: DecoderAdapter, plan: CompiledPlan, *, record_scores: bool = False):
         guards.check_attention(adapter.attn_implementation)
         self.adapter = adapter
         self.plan = plan
+        self.record_scores = record_scores
         self.layers = list(adapter.language_model.layers)
         self.n_layers = len(self.layers)
         self.trace = Trace(n_layers=self.n_layers)
@@ -314,6 +331,7 @@ class CutAttachment:
             self._context = {k: v for k, v in fwd.top_kwargs.items() if k not in _NOT_KEPT}
             self.trace.original_visual = self._is_visual.sum(-1).tolist()
             self.trace.final_index = [torch.nonzero(v).flatten().tolist() for v in valid]
+            self.trace.layout = _layout_of(self.adapter, self._input_ids, self._is_visual, self._context)
         return None
 
     # -- the layer hooks -----------------------------------------------------------------------
@@ -395,9 +413,16 @@ class CutAttachment:
         cand = sl.candidates(visual, slots.orig)
         view = self._view(cs, hidden, kwargs, slots, cand, n_vis, n_orig, captured)
         scores = None
+        recorded: tuple[list[Tensor], list[list[int]]] | None = None
         if cs.scorer is not None:
             scores = cs.scorer.score(view)
             check_scores(cs, scores, cand.valid.shape, valid=cand.valid)
+            if self.record_scores:
+                host, valid_host, orig_host = scores.detach().float().cpu(), cand.valid.cpu(), cand.original.cpu()
+                recorded = (
+                    [row[v] for row, v in zip(host, valid_host)],
+                    [row[v].tolist() for row, v in zip(orig_host, valid_host)],
+                )
         sel = cs.selector.select(view, scores, keep)
         check_selection(cs, sel, keep, n_vis)
 
@@ -412,6 +437,8 @@ class CutAttachment:
         kept = sl.rows(slots.orig, chosen)
         counts = keep_mask.sum(-1).tolist()
         self._record(cs, tokens_before, counts, n_vis.tolist(), sel.valid.sum(-1).tolist(), kept, requested, t0)
+        if recorded is not None:
+            self.trace.stages[-1].scores, self.trace.stages[-1].scored = recorded
         self.trace.final_index = sl.rows(reduced.orig, reduced.valid)
         return new_hidden, state
 
