@@ -6,6 +6,7 @@ Public API::
     with tokenreduce.apply(model, "pio_64") as att:   # a preset name, a dict, or a Plan
         out = model.generate(**inputs)
     att.trace                                         # what each stage kept
+    tokenreduce.pipeline("easyvqa_llava", "ref_pio_11")(image, "what shape is it?").answer  # one call
 
 See ``docs/concepts.md`` for plans, stages, budgets, cuts and traces.
 """
@@ -30,6 +31,7 @@ from tokenreduce.core.plan import ClampWarning, LayerAverage, Plan, Ratio, Stage
 from tokenreduce.core.registry import hookimpl, list_components
 from tokenreduce.core.strategy import Scorer, Selector
 from tokenreduce.core.types import Need, Selection, TokenView, Trace
+from tokenreduce.pipeline import Pipeline, PipelineResult, pipeline  # the function shadows its module
 
 try:  # the version is written once, in pyproject.toml; the installed metadata carries it
     __version__ = _metadata.version("tokenreduce")
@@ -38,6 +40,9 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - a source tree that 
 
 __all__ = [
     "apply",
+    "pipeline",
+    "Pipeline",
+    "PipelineResult",
     "build_plan",
     "compile_for",
     "list_components",

@@ -20,7 +20,17 @@ What is checked:
   test modules, so examples may import ``oracle``), one torch thread and no Hugging Face Hub
   access. A failure names the page and line of the failing block and shows its traceback.
 * **The site builds.** When ``mkdocs`` is installed, ``mkdocs build --strict`` succeeds (into a
-  temporary directory); without it that one test is skipped.
+  temporary directory, once per test session); without it the tests of the built site are skipped.
+* **The built pages render.** In the built HTML (what a reader sees, not the Markdown), no
+  paragraph or list item holds a line starting with ``- ``, ``* ``, ``+ `` or ``1. `` (a list that
+  Python-Markdown did not render: a list right after a paragraph with no blank line between, or
+  an item swallowed by a paragraph), and no literal ``**``, ``__`` or backtick is left in the text
+  outside code. In the Markdown, a nested list is indented by 4 spaces (Python-Markdown
+  flattens a list indented by 2, which GitHub would nest).
+* **Examples stand alone.** A python block imports the modules it uses: a name that another block
+  of the page imports (``torch``, ``tokenreduce``, ...) is imported again in every block using it,
+  so that a reader can copy one block. Lines in python blocks, and in every block of the
+  quickstart apart from the README's set-up commands, are at most ``CODE_LINE_MAX`` characters.
 
 Opting a code block out (the ``# doc: skip`` convention): a ``python`` block that cannot run on a
 CPU-only machine without downloads (a real 7B checkpoint, a GPU) starts with the marker comment
@@ -33,6 +43,8 @@ is one that cannot silently rot. Blocks fenced with another language (``bash``, 
 
 from __future__ import annotations
 
+import ast
+import builtins
 import importlib.util
 import json
 import os
@@ -41,6 +53,7 @@ import subprocess
 import sys
 import unicodedata
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -60,6 +73,8 @@ BUILD_TIMEOUT_S = 60
 SKIP_MARKER = re.compile(r"^\s*#\s*doc:\s*skip\b")
 #: README markers before the two set-up commands (also used by .ci/run for the test command)
 SETUP_MARKERS = ("<!-- main-command -->", "<!-- test-command -->")
+#: the longest line allowed in python blocks (and in the quickstart's blocks): readable without a scroll bar
+CODE_LINE_MAX = 100
 
 
 # =============================================================================================
@@ -298,6 +313,145 @@ def nav_entries(nav) -> list[str]:
 
 
 # =============================================================================================
+# Rendering: the built HTML, nested lists in the Markdown, code blocks
+# =============================================================================================
+
+_UNRENDERED_LIST = re.compile(r"^\s*(?:[-*+]|\d+[.)])\s+\S")
+_LITERAL_MARKUP = ("**", "__", "`")
+
+
+class _TextBlocks(HTMLParser):
+    """The text of each paragraph, list item, table cell and heading of an HTML page, code left out."""
+
+    BLOCKS = frozenset({"p", "li", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6", "dd", "dt"})
+    CODE = frozenset({"code", "pre", "script", "style"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.blocks: list[tuple[str, str]] = []
+        self._open: list[list[str]] = []  # [tag, own text] of the open blocks, innermost last
+        self._code = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.CODE:
+            self._code += 1
+        elif tag in self.BLOCKS:
+            self._open.append([tag, ""])
+
+    def handle_endtag(self, tag):
+        if tag in self.CODE:
+            self._code = max(0, self._code - 1)
+        elif tag in self.BLOCKS and self._open and self._open[-1][0] == tag:
+            self.blocks.append(tuple(self._open.pop()))
+
+    def handle_data(self, data):
+        if self._open and not self._code:
+            self._open[-1][1] += data
+
+
+def main_content(html: str) -> str:
+    """The page's own content: the theme's ``role="main"`` element when present (no navigation)."""
+    m = re.search(r"<div[^>]*role=\"main\"[^>]*>(.*)", html, flags=re.S)
+    return m.group(1) if m else html
+
+
+def rendering_problems(html: str) -> list[str]:
+    """What did not render in an HTML page: a paragraph, list item or cell with a line that starts
+    like a list item, or literal Markdown emphasis / code markers in the text outside code."""
+    parser = _TextBlocks()
+    parser.feed(main_content(html))
+    problems = []
+    for tag, text in parser.blocks:
+        lines = text.splitlines()
+        listed = [line.strip() for line in lines[1:] if _UNRENDERED_LIST.match(line)]
+        if lines and tag == "p" and _UNRENDERED_LIST.match(lines[0]):
+            listed.insert(0, lines[0].strip())
+        if listed:
+            problems.append(f"<{tag}> holds a list that did not render: {listed[0][:80]!r}")
+        for mark in _LITERAL_MARKUP:
+            if mark in text:
+                at = text.index(mark)
+                problems.append(f"<{tag}> shows a literal {mark!r}: {text[max(0, at - 40) : at + 40].strip()!r}")
+    return problems
+
+
+_LIST_ITEM = re.compile(r"^(?P<indent> *)(?:[-*+]|\d+[.)])\s+\S")
+
+
+def shallow_nested_items(text: str) -> list[int]:
+    """1-based lines of list items nested by 1-3 spaces under another item (outside code blocks):
+    Python-Markdown needs 4 and renders such a list flat."""
+    code = code_lines(text)
+    found, in_list = [], False
+    lines = text.splitlines()
+    for idx, line in enumerate(lines):
+        if idx in code:
+            in_list = False
+            continue
+        m = _LIST_ITEM.match(line)
+        if m:
+            if in_list and 0 < len(m["indent"]) < 4:
+                found.append(idx + 1)
+            in_list = True
+        elif line.strip() and not line.startswith(" ") and idx and not lines[idx - 1].strip():
+            in_list = False  # a paragraph after a blank line ends the list
+    return found
+
+
+def _bound_names(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """``(imported, defined)``: names bound by import statements, and by any other binding."""
+    imported: set[str] = set()
+    defined: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            imported.update(a.asname or a.name for a in node.names)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            defined.add(node.id)
+        elif isinstance(node, ast.arg):
+            defined.add(node.arg)
+    return imported, defined
+
+
+def missing_imports(blocks: list[Block]) -> list[str]:
+    """Names a python block uses without importing them while another block of the page imports
+    them (the block runs only after the other one: a reader copying it alone gets a NameError)."""
+    trees = []
+    for block in blocks:
+        try:
+            trees.append((block, ast.parse(block.code)))
+        except SyntaxError:
+            continue  # test_python_blocks_run reports it
+    imported_anywhere = set().union(*(_bound_names(tree)[0] for _, tree in trees)) if trees else set()
+    problems = []
+    for block, tree in trees:
+        imported, defined = _bound_names(tree)
+        used = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        missing = sorted((used & imported_anywhere) - imported - defined - set(dir(builtins)))
+        if missing:
+            problems.append(f"the python block at line {block.line} uses {', '.join(missing)} without importing it")
+    return problems
+
+
+def long_code_lines(
+    text: str, limit: int = CODE_LINE_MAX, langs: tuple[str, ...] | None = ("python", "py")
+) -> list[str]:
+    """``line N (L chars)`` for each line longer than ``limit`` in the fenced blocks of ``langs``
+    (``None``: every block)."""
+    found = []
+    for block in fenced_blocks(text):
+        if langs is not None and block.lang not in langs:
+            continue
+        for k, line in enumerate(block.code.splitlines()):
+            if len(line) > limit:
+                found.append(f"line {block.line + k} ({len(line)} chars, {block.lang or 'no language'})")
+    return found
+
+
+# =============================================================================================
 # Self-tests of the helpers (so that a checker that finds nothing is known to be able to)
 # =============================================================================================
 
@@ -351,6 +505,41 @@ def test_link_checker_finds_broken_links(tmp_path):
     readme.write_text("[page](docs/b.md#some-section-here) [src](src.py) [bad](docs/b.md#title-1)\n")
     problems = check_links(readme, docs_dir=docs, repo=tmp_path)
     assert len(problems) == 1 and "#title-1" in problems[0], problems
+
+
+def test_rendering_checks_find_lists_that_did_not_render():
+    markdown = pytest.importorskip("markdown", reason="Python-Markdown comes with mkdocs")
+    broken = (
+        "Tested:\n- one\n- two\n\n"  # a list right after a paragraph
+        "- **A.** item:\n  - nested by 2\n\n  a paragraph of A\n- **B.** swallowed\n\n"
+        "Some **bold text left open.\n"
+    )
+    html = markdown.markdown(broken, extensions=["tables", "fenced_code"])
+    problems = rendering_problems(html)
+    assert any("'- one'" in p for p in problems), problems
+    assert any("'- **B.** swallowed'" in p or "'- B. swallowed'" in p for p in problems), problems
+    assert any("literal '**'" in p for p in problems), problems
+    assert shallow_nested_items(broken) == [6]
+    fixed = (
+        "Tested:\n\n- one\n- two\n\n"
+        "- **A.** item:\n    - nested by 4\n\n    a paragraph of A\n\n- **B.** an item\n\n"
+        "Some **bold** text and `**kwargs` in code.\n\n```python\n- not a list\n```\n"
+    )
+    assert rendering_problems(markdown.markdown(fixed, extensions=["tables", "fenced_code"])) == []
+    assert shallow_nested_items(fixed) == []
+
+
+def test_import_and_line_length_checks_find_problems():
+    page = (
+        "```python\nimport torch\nfrom x import y\nz = torch.ones(1)\n```\n"
+        "```python\nw = torch.zeros(1) + y(z)  # torch and y come from the block above\n```\n"
+        "```python\nimport torch\n\ndef f(y):\n    return torch.ones(y)\n```\n"
+        f"```python\nq = '{'x' * 120}'\n```\n```bash\necho {'x' * 120}\n```\n"
+    )
+    blocks = fenced_blocks(page)
+    assert missing_imports(blocks) == [f"the python block at line {blocks[1].line} uses torch, y without importing it"]
+    assert long_code_lines(page) == [f"line {blocks[3].line} (126 chars, python)"]
+    assert len(long_code_lines(page, langs=None)) == 2
 
 
 def test_nav_entries_flatten_sections():
@@ -468,7 +657,9 @@ def _doc_env() -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         MPLBACKEND="Agg",
     )
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO / "tests"), env.get("PYTHONPATH", "")) if p)
+    # the checkout first: the examples run against the code the tests run against (an installed copy may be older)
+    paths = (str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", ""))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
 
 
@@ -511,10 +702,12 @@ def test_python_blocks_run(page, tmp_path):
 # =============================================================================================
 
 
-def test_mkdocs_build_strict(tmp_path):
+@pytest.fixture(scope="module")
+def built_site(tmp_path_factory):
+    """``(process, site folder)`` of one ``mkdocs build --strict`` for all the tests of the built site."""
     if importlib.util.find_spec("mkdocs") is None:
         pytest.skip("mkdocs is not installed, so the strict site build is not checked (pip install mkdocs)")
-    site = tmp_path / "site"
+    site = tmp_path_factory.mktemp("site")
     try:
         proc = subprocess.run(
             [
@@ -535,8 +728,60 @@ def test_mkdocs_build_strict(tmp_path):
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"mkdocs build --strict did not finish in {BUILD_TIMEOUT_S} s")
+    return proc, site
+
+
+def _page_html(site: Path, entry: str) -> Path:
+    stem = entry[: -len(".md")]
+    return site / ("index.html" if stem == "index" else f"{stem}/index.html")
+
+
+def test_mkdocs_build_strict(built_site):
+    proc, site = built_site
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     for entry in nav_entries(load_mkdocs_config()["nav"]):
-        stem = entry[: -len(".md")]
-        html = site / ("index.html" if stem == "index" else f"{stem}/index.html")
+        html = _page_html(site, entry)
         assert html.is_file(), f"the build has no page for nav entry {entry!r} (expected {html})"
+
+
+def test_built_pages_render_lists_and_markup(built_site):
+    proc, site = built_site
+    if proc.returncode != 0:
+        pytest.fail("the site did not build (see test_mkdocs_build_strict)", pytrace=False)
+    problems = []
+    for entry in nav_entries(load_mkdocs_config()["nav"]):
+        html = _page_html(site, entry)
+        problems += [
+            f"docs/{entry} (built {html.relative_to(site)}): {p}" for p in rendering_problems(html.read_text())
+        ]
+    assert not problems, (
+        "what the built site shows as text instead of rendering it (Python-Markdown needs a blank line before a "
+        "list that follows a paragraph, and 4-space indents for nested lists and an item's later paragraphs):\n"
+        + "\n".join(problems)
+    )
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=_page_id)
+def test_nested_lists_are_indented_by_four_spaces(page):
+    lines = shallow_nested_items(page.read_text(encoding="utf-8"))
+    assert not lines, (
+        f"{_page_id(page)}: nested list items indented by fewer than 4 spaces at lines {lines}; Python-Markdown "
+        "(the site) renders them flat: indent them (and their continuation lines) by 4"
+    )
+
+
+@pytest.mark.parametrize("page", _pages_with_python(), ids=_page_id)
+def test_python_blocks_import_what_they_use(page):
+    problems = missing_imports([b for b in python_blocks(page)])
+    assert not problems, f"{_page_id(page)}: " + "; ".join(problems) + " (a block a reader copies must run alone)"
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=_page_id)
+def test_code_lines_are_short(page):
+    text = page.read_text(encoding="utf-8")
+    long = long_code_lines(text)
+    if page == DOCS / "index.md":  # every block of the quickstart, except the README's set-up commands
+        setup = {block_after(text, marker, "docs/index.md") for marker in SETUP_MARKERS}
+        others = "".join(f"```{b.lang}\n{b.code}```\n" for b in fenced_blocks(text) if b.code not in setup)
+        long = sorted(set(long) | {f"{x} [quickstart]" for x in long_code_lines(others, langs=None)})
+    assert not long, f"{_page_id(page)}: code lines over {CODE_LINE_MAX} characters: {', '.join(long)}"
