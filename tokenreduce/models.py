@@ -628,7 +628,8 @@ def synthetic_inputs(
         text = _text_ids(config, n_free, g).tolist()
         rows.append(head + text[:n_pre] + before + [token] * image.n_visual + after + text[n_pre:])
     input_ids = torch.tensor(rows, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **image.inputs}
+    extra = spec.token_inputs(config, input_ids)
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), **extra, **image.inputs}
 
 
 def __getattr__(name: str) -> Any:

@@ -470,3 +470,18 @@ def test_video_is_refused_with_the_reason(sdpa_model):
 def test_cls_attention_plans_are_refused_with_the_reason(sdpa_model, preset):
     with pytest.raises(PlanError, match="Qwen3-VL's vision tower has no CLS token"):
         tokenreduce.apply(sdpa_model, preset)
+
+
+def test_synthetic_inputs_carry_the_token_types_the_model_needs(sdpa_model):
+    """bench/flops's random inputs: ``mm_token_type_ids`` marks the image tokens (the processor's
+    convention), so the model computes its M-RoPE ids and a plan runs on them."""
+    from tokenreduce.models import synthetic_inputs
+
+    inputs = synthetic_inputs(sdpa_model.config, KIND, batch_size=2, n_visual=16, n_text=20)
+    types = inputs["mm_token_type_ids"]
+    assert types.shape == inputs["input_ids"].shape
+    assert torch.equal(types.bool(), inputs["input_ids"] == sdpa_model.config.image_token_id)
+    assert types.sum(-1).tolist() == [16, 16]
+    with tokenreduce.apply(sdpa_model, "random_50") as att, torch.no_grad():
+        sdpa_model(**inputs)
+    assert [len(k) for k in att.trace.stages[0].kept] == [8, 8]

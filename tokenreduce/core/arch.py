@@ -177,6 +177,11 @@ class ArchSpec:
         :func:`tokenreduce.models.synthetic_inputs` builds the text around it."""
         raise self._missing("synthetic_image() (random inputs for bench/flops)")
 
+    def token_inputs(self, config: Any, input_ids: Tensor) -> dict[str, Tensor]:
+        """Per-token model inputs a processor writes beside ``input_ids`` ``[B, S]`` (e.g. which
+        tokens are image tokens), added to synthetic inputs; none by default."""
+        return {}
+
     # -- FLOPs ------------------------------------------------------------------------------------
     def vision_flops(
         self,

@@ -13,7 +13,7 @@ from . import tiny
 from .adapter import Qwen3VLAdapter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from torch import Generator
+    from torch import Generator, Tensor
 
 
 class Qwen3VLSpec(Qwen2_5_VLSpec):
@@ -69,8 +69,14 @@ class Qwen3VLSpec(Qwen2_5_VLSpec):
     ) -> SyntheticImage:
         """As Qwen2.5-VL's, with Qwen3-VL's 16 px patches (default 36x36 merged tokens: a
         1152x1152 image).  ``mm_token_type_ids`` depends on the text layout, which is written
-        around the image later, so it is not part of these inputs."""
+        around the image later: :meth:`token_inputs` adds it."""
         return super().synthetic_image(config, batch_size, n_visual, generator)
+
+    def token_inputs(self, config: Any, input_ids: Tensor) -> dict[str, Tensor]:
+        """``mm_token_type_ids`` as the processor writes it (1 at image tokens, 2 at video
+        tokens, else 0): the model needs it for its M-RoPE ids."""
+        types = (input_ids == int(config.image_token_id)).int()
+        return {"mm_token_type_ids": types + 2 * (input_ids == int(config.video_token_id)).int()}
 
     # -- FLOPs ------------------------------------------------------------------------------------
     def vision_flops(
