@@ -93,3 +93,14 @@ def test_deprecated_arch_handles_still_attach(model):
         got = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(got, want)
     assert old.trace.stages[0].kept == att.trace.stages[0].kept
+
+
+def test_layer_output_hooks_only_for_adapters_that_use_them():
+    """The optional prefill hooks: an adapter that does not override ``layer_output`` gets no
+    output hook on its layers (nothing changes for it); Qwen3-VL (DeepStack) does."""
+    registry = get_registry()
+    users = {name for name in registry.model_types() if registry.adapter_for(name).cls.uses_layer_output()}
+    assert users == {"qwen3_vl"}
+    model = build_tiny("llava")
+    with tokenreduce.apply(model, "random_50"):
+        assert sum(len(layer._forward_hooks) for layer in model.model.language_model.layers) == 0

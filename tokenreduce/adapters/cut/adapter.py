@@ -28,7 +28,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from tokenreduce.core.plan import CompiledPlan
 
     from ..vision_signals import VisionTower
-    from .attachment import CutAttachment
+    from .attachment import CutAttachment, StageState
 
 __all__ = ["DecoderAdapter"]
 
@@ -64,6 +64,28 @@ class DecoderAdapter:
     provides: ClassVar[Need] = LlamaSignals.provides & ~Need.VISUAL_GRID
     missing_reasons: ClassVar[dict[Need, str]] = {}
     Settings: ClassVar[type[BaseModel] | None] = None
+
+    # -- optional prefill hooks (models that add to the sequence inside the decoder) -----------------
+    def decoder_kwargs(self, kwargs: dict, first_cut: int) -> dict | None:
+        """At each prefill, the language model's keyword arguments for a plan whose first cut is
+        before layer ``first_cut``: a changed copy, or None (unchanged; the default).
+
+        For models that add to the visual positions inside the decoder (Qwen3-VL's DeepStack):
+        keep what happens before the cut, take the rest over in :meth:`layer_output`."""
+        return None
+
+    def layer_output(self, layer_idx: int, hidden: Tensor, stage: StageState | None) -> Tensor | None:
+        """At a prefill, the hidden states layer ``layer_idx >= first cut`` produced, changed, or
+        None (unchanged; the default).  ``stage`` is the cut state in force at that layer (its
+        ``slots.orig``: the original position of each slot), None before any stage removed
+        tokens.  Called only when a subclass overrides it."""
+        return None
+
+    @classmethod
+    def uses_layer_output(cls) -> bool:
+        """Whether this adapter overrides :meth:`layer_output` (the engine then hooks the layers'
+        outputs; otherwise it registers no output hook)."""
+        return cls.layer_output is not DecoderAdapter.layer_output
 
     # -- class-level entry points ------------------------------------------------------------------
     @classmethod

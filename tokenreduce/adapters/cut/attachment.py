@@ -184,6 +184,9 @@ class CutAttachment:
                 for i, layer in enumerate(self.layers):
                     if i >= first - 1:
                         hooks.pre_hook(layer, self._make_layer_hook(i))
+                    if i >= first and self.adapter.uses_layer_output():
+                        handle = layer.register_forward_hook(self._make_output_hook(i))
+                        hooks.on_remove(handle.remove)
 
     def _unregister(self) -> None:
         with _ATTACHED_LOCK:
@@ -332,12 +335,29 @@ class CutAttachment:
             self.trace.original_visual = self._is_visual.sum(-1).tolist()
             self.trace.final_index = [torch.nonzero(v).flatten().tolist() for v in valid]
             self.trace.layout = _layout_of(self.adapter, self._input_ids, self._is_visual, self._context)
+            first = min((cs.layer for cs in self.plan.stages), default=None)
+            changed = self.adapter.decoder_kwargs(kwargs, first) if first is not None else None
+            if changed is not None:
+                return args, changed
         return None
 
     # -- the layer hooks -----------------------------------------------------------------------
     def _make_layer_hook(self, layer_idx: int):
         def hook(module, args, kwargs):
             return self._layer_hook(layer_idx, args, kwargs)
+
+        return hook
+
+    def _make_output_hook(self, layer_idx: int):
+        def hook(module, args, output):
+            fwd = self._fwd
+            if fwd is None or not fwd.prefill:
+                return None
+            hidden = output[0] if isinstance(output, tuple) else output
+            new = self.adapter.layer_output(layer_idx, hidden, self._current_stage(layer_idx))
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
 
         return hook
 

@@ -1,6 +1,6 @@
 """Qwen3-VL (``model_type`` "qwen3_vl"): everything tokenreduce knows about this architecture."""
 
-from .adapter import DeepStackCutAttachment, Qwen3VLAdapter
+from .adapter import Qwen3VLAdapter
 from .processor import ImageOnlyQwen3VLProcessor
 from .spec import Qwen3VLSpec
 
@@ -9,7 +9,6 @@ SPEC = Qwen3VLSpec
 
 __all__ = [
     "SPEC",
-    "DeepStackCutAttachment",
     "ImageOnlyQwen3VLProcessor",
     "Qwen3VLAdapter",
     "Qwen3VLSpec",

@@ -16,15 +16,15 @@ page is ``docs/adapters.md``):
   (:class:`~tokenreduce.adapters.qwen2_5_vl.adapter.Qwen2_5_VLAdapter`): image and video tokens,
   original 3-D ids kept (``keep``) or renumbered, decode at ``text position + rope_deltas``;
 * **DeepStack after a cut**: the language model adds row ``j`` of each DeepStack feature to the
-  ``j``-th visual position of the full sequence, which no longer exists after a cut.  The
-  attachment (:class:`DeepStackCutAttachment`) leaves the model the injections after the layers
-  before the first cut and performs the others itself, after each such layer, adding to every
+  ``j``-th visual position of the full sequence, which no longer exists after a cut.  Through
+  the cut engine's prefill hooks (:meth:`Qwen3VLAdapter.decoder_kwargs`,
+  :meth:`Qwen3VLAdapter.layer_output`) the adapter leaves the model the injections after the
+  layers before the first cut and performs the others itself, after each such layer, adding to every
   surviving visual token the DeepStack rows of *its own* original position (merged tokens carry
   the rows of the kept token they replace), per sample of a ragged batch;
 * **signals** (PIO's probe, attention rows, keys): the shared
   :class:`~tokenreduce.adapters.llama_signals.LlamaSignals` apply a layer's ``q_norm``/``k_norm``
-  when it has them, as the model does.
-
+  when it has them, as the model does;
 * **encoder-side signals** (the attention each visual token receives in a ViT block, the block
   keys, the main merger's input: ``Need.VISION_ATTENTION``, ``Need.VISION_KEYS``,
   ``Need.VISION_FEATURES``) are recomputed from captured block inputs by
@@ -38,7 +38,6 @@ page is ``docs/adapters.md``):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import Tensor
@@ -46,7 +45,6 @@ from torch import Tensor
 from tokenreduce.core.types import Need
 
 from ..cut import DecoderAdapter
-from ..cut.attachment import CutAttachment
 from ..llama_family import generate_position_ids
 from ..llama_signals import LlamaSignals
 from ..qwen2_5_vl.adapter import mrope_grid, mrope_positions
@@ -54,9 +52,9 @@ from ..qwen_vision_signals import qwen_vision_tower
 from ..vision_signals import VisionTower
 
 if TYPE_CHECKING:  # pragma: no cover
-    from tokenreduce.core.plan import CompiledPlan
+    from ..cut.attachment import StageState
 
-__all__ = ["DeepStackCutAttachment", "Qwen3VLAdapter", "deepstack_rows"]
+__all__ = ["Qwen3VLAdapter", "deepstack_rows"]
 
 
 # -- DeepStack -----------------------------------------------------------------------------------
@@ -79,77 +77,6 @@ def deepstack_rows(visual_pos_masks: Tensor, orig: Tensor, valid: Tensor) -> tup
     return mask, row.gather(1, orig)[mask]
 
 
-class DeepStackCutAttachment(CutAttachment):
-    """The shared cut plus what Qwen3-VL needs: DeepStack injections that follow the cut, and
-    q/k-normed signals.
-
-    At a prefill whose language model receives ``deepstack_visual_embeds`` (``n`` tensors, one
-    per tapped ViT block), the model keeps the injections after layers ``< first`` (the first
-    cut layer: the sequence is still whole there); the injection after each layer ``i`` in
-    ``[first, n)`` is done by a forward hook on layer ``i``, on the sequence that layer produced:
-    ``h[mask] += embeds[i][rows]`` (:func:`deepstack_rows`), exactly as the model's own
-    ``_deepstack_process`` adds them (same dtype cast, same order).
-    """
-
-    def __init__(self, adapter: Any, plan: CompiledPlan) -> None:
-        self._first_cut = min((cs.layer for cs in plan.stages), default=None)
-        self._deepstack: tuple[object, Tensor, Sequence[Tensor]] | None = None  # (forward, mask, embeds)
-        super().__init__(adapter, plan)
-
-    def _attach(self) -> None:
-        super()._attach()
-        if self._first_cut is None:
-            return
-        with self._hooks.installing() as hooks:
-            hooks.on_remove(self._forget_deepstack)
-            for i in range(self._first_cut, self.n_layers):
-                handle = self.layers[i].register_forward_hook(self._make_deepstack_hook(i))
-                hooks.on_remove(handle.remove)
-
-    def _forget_deepstack(self) -> None:
-        self._deepstack = None
-
-    def _decoder_hook(self, module, args, kwargs):
-        super()._decoder_hook(module, args, kwargs)
-        embeds = kwargs.get("deepstack_visual_embeds")
-        fwd = self._fwd
-        if fwd is None or not fwd.prefill or embeds is None or self._first_cut is None:
-            self._deepstack = None
-            return None
-        first = self._first_cut
-        if first >= len(embeds):  # every injection happens before the first cut: the model's own
-            self._deepstack = None
-            return None
-        self._deepstack = (fwd, kwargs["visual_pos_masks"], list(embeds))
-        return args, {**kwargs, "deepstack_visual_embeds": list(embeds[:first])}
-
-    def _make_deepstack_hook(self, layer_idx: int):
-        def hook(module, args, output):
-            return self._inject(layer_idx, output)
-
-        return hook
-
-    def _inject(self, layer_idx: int, output):
-        ds = self._deepstack
-        if ds is None or ds[0] is not self._fwd:  # a decode step, or no DeepStack in this prefill
-            return None
-        _, visual_pos_masks, embeds = ds
-        if layer_idx >= len(embeds):
-            return None
-        hidden = output[0] if isinstance(output, tuple) else output
-        visual_pos_masks = visual_pos_masks.to(hidden.device)
-        state = self._current_stage(layer_idx)
-        if state is None:  # no stage has removed anything yet: the model's own mask and rows
-            mask, rows = visual_pos_masks, embeds[layer_idx]
-        else:
-            mask, index = deepstack_rows(visual_pos_masks, state.slots.orig, state.slots.valid)
-            rows = embeds[layer_idx].to(hidden.device)[index]
-        rows = rows.to(hidden.device, hidden.dtype)
-        hidden = hidden.clone()
-        hidden[mask, :] = hidden[mask, :] + rows
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-
 class Qwen3VLAdapter(DecoderAdapter):
     """Qwen3-VL: ViT with a 2x2 patch merger and DeepStack mergers + Qwen3 decoder (q/k norms,
     interleaved M-RoPE)."""
@@ -163,14 +90,44 @@ class Qwen3VLAdapter(DecoderAdapter):
         "by the attention they receive: scorer vision_attn, selector pio_ve_qwen)",
     }
 
-    @classmethod
-    def attach(cls, model: Any, plan: CompiledPlan) -> CutAttachment:
-        """Attach a compiled plan: the shared cut with DeepStack and q/k-norm handling."""
-        return DeepStackCutAttachment(cls(model, plan.adapter_settings), plan)
-
     def __init__(self, model: Any, settings: Any = None) -> None:
         super().__init__(model, settings)
         self.video_token = int(model.config.video_token_id)
+        #: this prefill's DeepStack inputs the adapter injects itself: (visual_pos_masks, embeds)
+        self._deepstack: tuple[Tensor, list[Tensor]] | None = None
+
+    # -- DeepStack after a cut (the engine's prefill hooks) -----------------------------------------
+    def decoder_kwargs(self, kwargs: dict, first_cut: int) -> dict | None:
+        """The model keeps the injections after the layers before the first cut (the sequence is
+        still whole there); :meth:`layer_output` does the others."""
+        self._deepstack = None
+        embeds = kwargs.get("deepstack_visual_embeds")
+        if embeds is None or first_cut >= len(embeds):  # every injection before the cut: the model's own
+            return None
+        self._deepstack = (kwargs["visual_pos_masks"], list(embeds))
+        return {**kwargs, "deepstack_visual_embeds": list(embeds[:first_cut])}
+
+    def layer_output(self, layer_idx: int, hidden: Tensor, stage: StageState | None) -> Tensor | None:
+        """After layer ``layer_idx`` (from the first cut on): ``h[mask] += embeds[i][rows]`` with
+        the rows of each surviving token's own original position (:func:`deepstack_rows`),
+        exactly as the model's ``_deepstack_process`` adds them (same dtype cast, same order)."""
+        if self._deepstack is None:
+            return None
+        visual_pos_masks, embeds = self._deepstack
+        if layer_idx >= len(embeds):
+            return None
+        if layer_idx == len(embeds) - 1:  # the last injection: nothing of this prefill is needed after it
+            self._deepstack = None
+        visual_pos_masks = visual_pos_masks.to(hidden.device)
+        if stage is None:  # no stage has removed anything yet: the model's own mask and rows
+            mask, rows = visual_pos_masks, embeds[layer_idx]
+        else:
+            mask, index = deepstack_rows(visual_pos_masks, stage.slots.orig, stage.slots.valid)
+            rows = embeds[layer_idx].to(hidden.device)[index]
+        rows = rows.to(hidden.device, hidden.dtype)
+        hidden = hidden.clone()
+        hidden[mask, :] = hidden[mask, :] + rows
+        return hidden
 
     def is_media_token(self, ids: Tensor) -> Tensor:
         """Image and video tokens (a decode step must have none)."""
