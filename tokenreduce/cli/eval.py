@@ -120,12 +120,15 @@ def _suite_plans(ctx: Context, model) -> tuple[dict[str, Any], list[str]]:
     plans = resolve_plans(ctx, entries=suite.plans, field="suite.plans")
     if not suite.skip_inapplicable:
         return plans, []
-    usable, notes = {}, []
+    from tokenreduce.core.support import refusal_reason
+
+    usable, skipped = {}, {}  # reason -> the plans refused for it
     for name, plan in plans.items():
         try:
             tokenreduce.compile_for(model, plan)
         except TokenReduceError as exc:
-            notes.append(f"skipped {name} (suite.skip_inapplicable): {str(exc).splitlines()[0]}")
+            skipped.setdefault(refusal_reason(str(exc)), []).append(name)
         else:
             usable[name] = plan
+    notes = [f"skipped {', '.join(names)} (suite.skip_inapplicable): {reason}" for reason, names in skipped.items()]
     return usable, notes

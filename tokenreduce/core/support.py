@@ -22,7 +22,15 @@ from typing import Any
 from .errors import TokenReduceError
 from .registry import Registry, get_registry
 
-__all__ = ["MARKERS", "Cell", "SupportMatrix", "method_of", "replace_between_markers", "support_matrix"]
+__all__ = [
+    "MARKERS",
+    "Cell",
+    "SupportMatrix",
+    "method_of",
+    "refusal_reason",
+    "replace_between_markers",
+    "support_matrix",
+]
 
 #: selectors that only rank by the scorer's scores: the scorer names the method
 _RANKING_SELECTORS = ("topk", "nms")
@@ -101,22 +109,22 @@ def support_matrix(registry: Registry | None = None) -> SupportMatrix:
                 try:
                     build_plan(plan, n_layers=_DEPTH, adapter=adapter, registry=registry)
                 except TokenReduceError as exc:
-                    cell.reason = cell.reason or _first_reason(str(exc))
+                    cell.reason = cell.reason or refusal_reason(str(exc))
                 else:
                     cell.runs.append(name)
     return SupportMatrix(architectures, sorted(by_method), cells)
 
 
-def _first_reason(message: str) -> str:
-    """The adapter's own reason when a signal is missing (each distinct reason once), else the
-    first line of the error."""
+def refusal_reason(message: str) -> str:
+    """Why a plan was refused, in one line: the signals it needs and the adapter's own reason
+    when a signal is missing (each distinct reason once), else the first line of the error."""
     line = message.strip().splitlines()[0] if message.strip() else "refused"
     if "cannot provide" in line and "[" in line:  # "... needs signals [x] that ... (it provides: ...): why"
         needs = line[line.index("[") : line.index("]") + 1]
         why = line.split("): ", 1)[1] if "): " in line else "the adapter does not provide it (no reason given)"
         reasons = list(dict.fromkeys(part.strip() for part in why.split("; ")))
         line = f"needs {needs}: {'; '.join(reasons)}"
-    return line.replace("|", "\\|")
+    return line
 
 
 def replace_between_markers(page: str, table: str) -> str:
