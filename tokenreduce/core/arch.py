@@ -149,10 +149,27 @@ class ArchSpec:
 
     def load_processor(self, source: Any, **kwargs: Any) -> Any:
         """The processor of a checkpoint (``kwargs``: ``revision``, ``local_files_only``).
-        Default: ``AutoProcessor.from_pretrained``."""
-        from transformers import AutoProcessor
+        Default: ``AutoProcessor.from_pretrained``; when that fails or gives no full processor
+        (a folder saved from an image-only processor) and :meth:`image_only_processor` gives a
+        class, that class's ``from_pretrained``."""
+        from transformers import AutoProcessor, ProcessorMixin
 
-        return AutoProcessor.from_pretrained(source, **kwargs)
+        fallback = self.image_only_processor()
+        if fallback is None:
+            return AutoProcessor.from_pretrained(source, **kwargs)
+        try:
+            processor = AutoProcessor.from_pretrained(source, **kwargs)
+        except Exception:  # noqa: BLE001 - e.g. a video processor that needs torchvision
+            processor = None
+        if isinstance(processor, ProcessorMixin):
+            return processor
+        return fallback.from_pretrained(source, **kwargs)
+
+    def image_only_processor(self) -> Any:
+        """A processor class to load when the stock processor cannot be built (its video
+        processor needs torchvision, which has no CPU wheel beside the project's torch), or None
+        (the default).  Imported when asked, so loading the registry stays cheap."""
+        return None
 
     # -- prompts ----------------------------------------------------------------------------------
     def default_prompt(self) -> str:

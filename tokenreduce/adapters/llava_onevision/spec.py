@@ -107,23 +107,15 @@ class LlavaOnevisionSpec(LlavaNextSpec):
             "phrase.<|im_end|>\n<|im_start|>assistant\n"
         )
 
+    def image_only_processor(self) -> type:
+        from .processor import ImageOnlyLlavaOnevisionProcessor
+
+        return ImageOnlyLlavaOnevisionProcessor
+
     def model_class(self) -> type:
         from transformers import LlavaOnevisionForConditionalGeneration
 
         return LlavaOnevisionForConditionalGeneration
-
-    def load_processor(self, source: Any, **kwargs: Any) -> Any:
-        from transformers import ProcessorMixin
-
-        try:
-            processor = super().load_processor(source, **kwargs)
-        except Exception:  # noqa: BLE001 - the OneVision video processor needs torchvision (no CPU wheel)
-            processor = None
-        if isinstance(processor, ProcessorMixin):
-            return processor
-        from .processor import ImageOnlyLlavaOnevisionProcessor
-
-        return ImageOnlyLlavaOnevisionProcessor.from_pretrained(source, **kwargs)
 
     # -- synthetic inputs -------------------------------------------------------------------------
     def synthetic_image(

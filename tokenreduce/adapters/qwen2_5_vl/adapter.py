@@ -80,7 +80,10 @@ def mrope_grid(media: Tensor, positions: Tensor) -> Tensor:
 
 
 class Qwen2_5_VLAdapter(DecoderAdapter):
-    """Qwen2.5-VL: windowed ViT with a 2x2 patch merger + Qwen2 decoder with M-RoPE."""
+    """Qwen2.5-VL: windowed ViT with a 2x2 patch merger + Qwen2 decoder with M-RoPE.
+
+    Qwen2-VL and Qwen3-VL subclass it: the candidates, the M-RoPE positions and decode ids and the
+    vision-tower handles are the same across the family."""
 
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_5_vl",)
     #: vision-tower signals of the CLS-free windowed ViT (attention received per visual token,
@@ -100,7 +103,10 @@ class Qwen2_5_VLAdapter(DecoderAdapter):
 
     def check_model(self) -> None:
         if getattr(self.model.config.text_config, "use_sliding_window", False):
-            raise UnsupportedModelError("qwen2_5_vl: models with sliding-window attention layers are not supported yet")
+            raise UnsupportedModelError(
+                f"{self.name}: models with sliding-window attention layers are not supported yet "
+                "(text_config.use_sliding_window is true)"
+            )
         super().check_model()
 
     def is_media_token(self, ids: Tensor) -> Tensor:

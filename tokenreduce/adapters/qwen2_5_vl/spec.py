@@ -78,23 +78,15 @@ class Qwen2_5_VLSpec(ArchSpec):
             "<|im_end|>\n<|im_start|>assistant\n"
         )
 
+    def image_only_processor(self) -> type:
+        from .processor import ImageOnlyQwen2_5_VLProcessor
+
+        return ImageOnlyQwen2_5_VLProcessor
+
     def model_class(self) -> type:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         return Qwen2_5_VLForConditionalGeneration
-
-    def load_processor(self, source: Any, **kwargs: Any) -> Any:
-        from transformers import ProcessorMixin
-
-        try:
-            processor = super().load_processor(source, **kwargs)
-        except Exception:  # noqa: BLE001 - the Qwen video processor needs torchvision (no CPU wheel)
-            processor = None
-        if isinstance(processor, ProcessorMixin):
-            return processor
-        from .processor import ImageOnlyQwen2_5_VLProcessor
-
-        return ImageOnlyQwen2_5_VLProcessor.from_pretrained(source, **kwargs)
 
     # -- synthetic inputs -------------------------------------------------------------------------
     def synthetic_image(

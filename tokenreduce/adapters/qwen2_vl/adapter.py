@@ -28,65 +28,19 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from torch import Tensor
-
-from tokenreduce.core.errors import UnsupportedModelError
 from tokenreduce.core.types import Need
 
-from ..cut import DecoderAdapter
-from ..llama_family import check_llama_family, generate_position_ids
-from ..llama_signals import LlamaSignals
-from ..qwen2_5_vl.adapter import mrope_grid, mrope_positions
-from ..qwen_vision_signals import qwen_vision_tower
-from ..vision_signals import VisionTower
+from ..qwen2_5_vl.adapter import Qwen2_5_VLAdapter
+
+__all__ = ["Qwen2VLAdapter"]
 
 
-class Qwen2VLAdapter(DecoderAdapter):
-    """Qwen2-VL: full-attention ViT with a 2x2 patch merger + Qwen2 decoder with M-RoPE."""
+class Qwen2VLAdapter(Qwen2_5_VLAdapter):
+    """Qwen2-VL: full-attention ViT with a 2x2 patch merger + Qwen2 decoder with M-RoPE (the
+    seam is Qwen2.5-VL's; the tower has no windows, so its signals are in raster order)."""
 
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl",)
-    #: vision-tower signals of the CLS-free full-attention ViT (attention received per visual token,
-    #: keys, the merger's input) are recomputed from captured block inputs (:mod:`..qwen_vision_signals`)
-    provides: ClassVar[Need] = LlamaSignals.provides | Need.VISION_ATTENTION | Need.VISION_KEYS | Need.VISION_FEATURES
     missing_reasons: ClassVar[dict[Need, str]] = {
         Need.VISION_CLS_ATTENTION: "Qwen2-VL's vision tower has no CLS token (use a method that scores patches "
         "by the attention they receive: scorer vision_attn, selector pio_ve_qwen)",
     }
-
-    def __init__(self, model, settings=None) -> None:
-        super().__init__(model, settings)
-        self.video_token = int(model.config.video_token_id)
-
-    def vision_tower(self) -> VisionTower:
-        """The ViT's handles for the encoder-side signals (raster order: no windows)."""
-        return qwen_vision_tower(self.model, name=self.name)
-
-    def check_model(self) -> None:
-        if getattr(self.model.config.text_config, "use_sliding_window", False):
-            raise UnsupportedModelError(
-                f"{self.name}: models with sliding-window attention layers are not supported yet "
-                "(text_config.use_sliding_window is true)"
-            )
-        check_llama_family(self.language_model, self.name)
-
-    def is_media_token(self, ids: Tensor) -> Tensor:
-        """Image and video tokens (every image of the prompt, and videos)."""
-        return (ids == self.image_token) | (ids == self.video_token)
-
-    def visual_grid(self, ids: Tensor, visual: Tensor, context: dict) -> Tensor:
-        """``[B, S, 3]`` (panel, row, col) read off the M-RoPE ids (a video: one panel per temporal slice)."""
-        return mrope_grid(self.is_media_token(ids), context["positions"])
-
-    def positions(self, position_ids: Tensor | None, b: int, q: int, past: int, device) -> Tensor:
-        return mrope_positions(position_ids, b, q, past, device)
-
-    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self.language_model.rotary_emb(hidden, positions)
-
-    def decode_position_ids(self, mask2d: Tensor, q: int) -> Tensor:
-        """generate()'s ids: text position + ``rope_deltas``, equal on the three axes."""
-        text = generate_position_ids(self.model, mask2d, q)  # [B, q]
-        deltas = getattr(self.model.model, "rope_deltas", None)
-        if deltas is not None:
-            text = text + deltas.to(text.device)
-        return text.unsqueeze(0).expand(3, -1, -1)

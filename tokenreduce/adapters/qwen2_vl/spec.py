@@ -39,23 +39,15 @@ class Qwen2VLSpec(Qwen2_5_VLSpec):
     display_name: ClassVar[str] = "Qwen2-VL"
     adapter: ClassVar[type | None] = Qwen2VLAdapter
 
+    def image_only_processor(self) -> type:
+        from .processor import ImageOnlyQwen2VLProcessor
+
+        return ImageOnlyQwen2VLProcessor
+
     def model_class(self) -> type:
         from transformers import Qwen2VLForConditionalGeneration
 
         return Qwen2VLForConditionalGeneration
-
-    def load_processor(self, source: Any, **kwargs: Any) -> Any:
-        from transformers import AutoProcessor, ProcessorMixin
-
-        try:
-            processor = AutoProcessor.from_pretrained(source, **kwargs)
-        except Exception:  # noqa: BLE001 - the Qwen video processor needs torchvision (no CPU wheel)
-            processor = None
-        if isinstance(processor, ProcessorMixin):
-            return processor
-        from .processor import ImageOnlyQwen2VLProcessor
-
-        return ImageOnlyQwen2VLProcessor.from_pretrained(source, **kwargs)
 
     # -- FLOPs ------------------------------------------------------------------------------------
     def vision_flops(

@@ -44,12 +44,8 @@ from torch import Tensor
 
 from tokenreduce.core.types import Need
 
-from ..cut import DecoderAdapter
-from ..llama_family import generate_position_ids
 from ..llama_signals import LlamaSignals
-from ..qwen2_5_vl.adapter import mrope_grid, mrope_positions
-from ..qwen_vision_signals import qwen_vision_tower
-from ..vision_signals import VisionTower
+from ..qwen2_5_vl.adapter import Qwen2_5_VLAdapter
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cut.attachment import StageState
@@ -77,7 +73,7 @@ def deepstack_rows(visual_pos_masks: Tensor, orig: Tensor, valid: Tensor) -> tup
     return mask, row.gather(1, orig)[mask]
 
 
-class Qwen3VLAdapter(DecoderAdapter):
+class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     """Qwen3-VL: ViT with a 2x2 patch merger and DeepStack mergers + Qwen3 decoder (q/k norms,
     interleaved M-RoPE)."""
 
@@ -92,7 +88,6 @@ class Qwen3VLAdapter(DecoderAdapter):
 
     def __init__(self, model: Any, settings: Any = None) -> None:
         super().__init__(model, settings)
-        self.video_token = int(model.config.video_token_id)
         #: this prefill's DeepStack inputs the adapter injects itself: (visual_pos_masks, embeds)
         self._deepstack: tuple[Tensor, list[Tensor]] | None = None
 
@@ -128,35 +123,6 @@ class Qwen3VLAdapter(DecoderAdapter):
         hidden = hidden.clone()
         hidden[mask, :] = hidden[mask, :] + rows
         return hidden
-
-    def is_media_token(self, ids: Tensor) -> Tensor:
-        """Image and video tokens (a decode step must have none)."""
-        return (ids == self.image_token) | (ids == self.video_token)
-
-    def visual_grid(self, ids: Tensor, visual: Tensor, context: dict) -> Tensor:
-        """``[B, S, 3]`` (image, row, col) read off the M-RoPE ids, as for Qwen2.5-VL."""
-        return mrope_grid(self.is_media_token(ids), context["positions"])
-
-    def positions(self, position_ids: Tensor | None, b: int, q: int, past: int, device: Any) -> Tensor:
-        """``[3, B, q]`` M-RoPE ids (the 4-axis form ``generate()`` passes loses its text row)."""
-        return mrope_positions(position_ids, b, q, past, device)
-
-    def rotary(self, hidden: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """The model's own rotary embedding on ``[3, B, S]`` ids: it interleaves the three axes."""
-        return self.language_model.rotary_emb(hidden, positions)
-
-    def decode_position_ids(self, mask2d: Tensor, q: int) -> Tensor:
-        """generate()'s ids: text position + ``rope_deltas``, equal on the three axes."""
-        text = generate_position_ids(self.model, mask2d, q)  # [B, q]
-        deltas = getattr(self.model.model, "rope_deltas", None)
-        if deltas is not None:
-            text = text + deltas.to(text.device)
-        return text.unsqueeze(0).expand(3, -1, -1)
-
-    def vision_tower(self) -> VisionTower:
-        """The ViT's handles for the encoder-side signals (raster order; the DeepStack mergers are
-        not read: the signals describe the main merger's tokens)."""
-        return qwen_vision_tower(self.model, name=self.name)
 
     def check_model(self) -> None:
         super().check_model()

@@ -45,23 +45,15 @@ class Qwen3VLSpec(Qwen2_5_VLSpec):
     tiny_image_size: ClassVar[tuple[int, int]] = (128, 96)
     tiny_chat_template: ClassVar[str | None] = tiny.CHAT_TEMPLATE
 
+    def image_only_processor(self) -> type:
+        from .processor import ImageOnlyQwen3VLProcessor
+
+        return ImageOnlyQwen3VLProcessor
+
     def model_class(self) -> type:
         from transformers import Qwen3VLForConditionalGeneration
 
         return Qwen3VLForConditionalGeneration
-
-    def load_processor(self, source: Any, **kwargs: Any) -> Any:
-        from transformers import ProcessorMixin
-
-        try:
-            processor = super(Qwen2_5_VLSpec, self).load_processor(source, **kwargs)
-        except Exception:  # noqa: BLE001 - the Qwen video processor needs torchvision (no CPU wheel)
-            processor = None
-        if isinstance(processor, ProcessorMixin):
-            return processor
-        from .processor import ImageOnlyQwen3VLProcessor
-
-        return ImageOnlyQwen3VLProcessor.from_pretrained(source, **kwargs)
 
     # -- synthetic inputs -------------------------------------------------------------------------
     def synthetic_image(
