@@ -37,6 +37,12 @@ def tiny_config(config_class: type, common: TinyCommon, *, text_layers: int = 4,
         tokens_per_second=2,
         initializer_range=common.init_std,
     )
+    return qwen_family_config(config_class, common, vision, qwen_text_config(common, text_layers, vocab_size))
+
+
+def qwen_text_config(common: TinyCommon, text_layers: int, vocab_size: int | None, **changes: Any) -> dict:
+    """The tiny Qwen decoder of the Qwen-family test models (width 64, 4 heads, 2 KV heads,
+    head_dim 16, M-RoPE sections [2, 3, 3]); ``changes`` replace or add keys (Qwen3-VL)."""
     text = dict(
         vocab_size=common.vocab_size if vocab_size is None else vocab_size,
         hidden_size=64,
@@ -51,6 +57,11 @@ def tiny_config(config_class: type, common: TinyCommon, *, text_layers: int = 4,
         initializer_range=common.init_std,
         rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
     )
+    return {**text, **changes}
+
+
+def qwen_family_config(config_class: type, common: TinyCommon, vision: dict, text: dict) -> Any:
+    """``config_class`` with the Qwen family's special tokens from ``common``'s tokenizer."""
     return config_class(
         vision_config=vision,
         text_config=text,

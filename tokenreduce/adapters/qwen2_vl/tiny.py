@@ -6,6 +6,8 @@ from typing import Any
 
 from tokenreduce.core.arch import TinyCommon
 
+from ..qwen2_5_vl.tiny import qwen_family_config, qwen_text_config
+
 
 def tiny_config(config_class: type, common: TinyCommon, *, text_layers: int = 4, vocab_size: int | None = None) -> Any:
     """Config of a tiny Qwen2-VL: 2-block ViT with full attention in every block (width 32, 2
@@ -27,28 +29,7 @@ def tiny_config(config_class: type, common: TinyCommon, *, text_layers: int = 4,
         temporal_patch_size=2,
         initializer_range=common.init_std,
     )
-    text = dict(
-        vocab_size=common.vocab_size if vocab_size is None else vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=common.bos_id,
-        eos_token_id=common.eos_id,
-        pad_token_id=common.pad_id,
-        initializer_range=common.init_std,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
-    )
-    return config_class(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=common.id("<|image_pad|>"),
-        video_token_id=common.id("<|video_pad|>"),
-        vision_start_token_id=common.id("<|vision_start|>"),
-        vision_end_token_id=common.id("<|vision_end|>"),
-    )
+    return qwen_family_config(config_class, common, vision, qwen_text_config(common, text_layers, vocab_size))
 
 
 def tiny_processor(tokenizer: Any) -> Any:

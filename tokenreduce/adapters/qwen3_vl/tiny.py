@@ -6,13 +6,9 @@ from typing import Any
 
 from tokenreduce.core.arch import TinyCommon
 
-#: Qwen's ChatML with a system prompt, for tiny checkpoints
-CHAT_TEMPLATE = (
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% for message in messages %}"
-    "<|im_start|>{{ message['role'] }}\n{% for item in message['content'] %}{% if item['type'] == 'image' %}"
-    "<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ item['text'] }}{% endif %}{% endfor %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from ..qwen2_5_vl.tiny import CHAT_TEMPLATE, qwen_family_config, qwen_text_config
+
+__all__ = ["CHAT_TEMPLATE", "TINY_DEEPSTACK", "tiny_config", "tiny_processor"]
 
 #: the tiny vision tower's DeepStack taps: the outputs of ViT blocks 0, 1 and 2 are added to the
 #: visual positions after decoder layers 0, 1 and 2 (the 8B checkpoint: blocks 8/16/24)
@@ -40,19 +36,11 @@ def tiny_config(config_class: type, common: TinyCommon, *, text_layers: int = 4,
         deepstack_visual_indexes=list(TINY_DEEPSTACK),
         initializer_range=common.init_std,
     )
-    text = dict(
-        vocab_size=common.vocab_size if vocab_size is None else vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    text = qwen_text_config(
+        common,
+        text_layers,
+        vocab_size,
         head_dim=16,
-        max_position_embeddings=2048,
-        bos_token_id=common.bos_id,
-        eos_token_id=common.eos_id,
-        pad_token_id=common.pad_id,
-        initializer_range=common.init_std,
         rope_parameters={
             "rope_type": "default",
             "mrope_section": [4, 2, 2],
@@ -60,14 +48,7 @@ def tiny_config(config_class: type, common: TinyCommon, *, text_layers: int = 4,
             "rope_theta": 10000.0,
         },
     )
-    return config_class(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=common.id("<|image_pad|>"),
-        video_token_id=common.id("<|video_pad|>"),
-        vision_start_token_id=common.id("<|vision_start|>"),
-        vision_end_token_id=common.id("<|vision_end|>"),
-    )
+    return qwen_family_config(config_class, common, vision, text)
 
 
 def tiny_processor(tokenizer: Any) -> Any:
