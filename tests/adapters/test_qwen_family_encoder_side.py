@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from qwen_encoder_plans import plan_for
 from registry_helpers import registry_with
 
 import tokenreduce
@@ -192,21 +193,6 @@ def test_keys_and_features_map_to_the_merged_tokens(model, recorded, reference):
 
 
 # -- the methods inside generate() --------------------------------------------------------------------
-def plan_for(method: str, keep: int) -> dict:
-    score = {"name": "vision_attn", "layer": -1, "heads": "sum"}
-    selectors = {
-        "visionzip": {"name": "visionzip", "layer": -1, "contextual": 1, "keep_cls": False},
-        "holov": {"name": "holov", "crops": 2},
-        "scope": {"name": "scope"},
-        "divprune": {"name": "divprune"},
-        "pio_ve_qwen": {"name": "pio_ve_qwen", "local_layer": 1, "global_layer": -1, "window": 2},
-    }
-    stage = {"layer": 0, "keep": keep, "selector": selectors[method]}
-    if method in ("visionzip", "holov", "scope"):
-        stage["scorer"] = score
-    return {"positions": "keep", "stages": [stage]}
-
-
 @pytest.mark.parametrize("method", ["visionzip", "holov", "scope", "divprune", "pio_ve_qwen"])
 def test_methods_run_in_generate_with_exact_counts(model, inputs, method):
     keep = 5
