@@ -5,7 +5,8 @@
   different lengths, LM head, vision tower, projector): relative difference < 1e-3;
 * ``FlopCounterMode`` around a real tiny prefill under plans: the scorers' own work (PIO fast
   and exact probes, FastV rows) is accounted exactly;
-* the paper's vanilla figures (2.98 / 8.45 / 16.67 TFLOPs, 318 MiB);
+* the paper's vanilla figures (2.98 / 8.45 / 16.67 TFLOPs, 318 MiB) and its PIO figure (0.45 T,
+  6.62x: probes counted by their forward in the paper column, their backward in the true column);
 * KV bytes equal the ``DynamicCache`` tensors' real sizes after a tiny prefill under a plan.
 """
 
@@ -26,6 +27,7 @@ from tokenreduce.core.errors import PlanError, UnsupportedModelError
 from tokenreduce.core.types import Trace
 from tokenreduce.measure.configs import hf_config, model_config, real_config
 from tokenreduce.measure.flops import (
+    PAPER_PROBE_BACKWARD_FACTOR,
     account,
     count_with_flop_counter,
     layer_flops_paper,
@@ -33,6 +35,7 @@ from tokenreduce.measure.flops import (
     text_dims,
 )
 from tokenreduce.measure.kv import cache_bytes, cache_tokens, kv_bytes
+from tokenreduce.strategies.pio import pio_probe_flops
 from tokenreduce.testing.tiny import build_tiny, llava_config, make_inputs
 
 REAL = ["llava_1_5_7b", "llava_next_7b", "qwen2_5_vl_7b"]
@@ -111,15 +114,16 @@ def test_scorer_costs_by_hand():
     # + attention 4*4*26*64 + LM head 2*4*64*1000 = 688128 + 26624 + 512000;
     # backward (input gradients only): the same, attention twice
     assert fast.scorer_flops_true == (688_128 + 26_624 + 512_000) + (688_128 + 2 * 26_624 + 512_000)
-    assert fast.scorer_flops_paper == 3 * 557_056  # f(16) forward + 2 x f(16) backward
-    fwd_only = account(
+    assert fast.scorer_flops_paper == 557_056  # the paper's rule: the probe forward f(16) only
+    with_backward = account(
         cfg,
         {"stages": [{"layer": 1, "keep": 4, "scorer": "pio", "selector": "topk"}]},
         16,
         10,
-        probe_backward_factor=0.0,
+        probe_backward_factor=2.0,
     )
-    assert fwd_only.scorer_flops_paper == 557_056
+    assert with_backward.scorer_flops_paper == 3 * 557_056  # f(16) forward + 2 x f(16) backward
+    assert with_backward.scorer_flops_true == fast.scorer_flops_true  # the factor is paper-only
     fastv = account(cfg, {"stages": [{"layer": 1, "keep": 4, "scorer": "fastv", "selector": "topk"}]}, 16, 10)
     # keys of the 26 tokens of layer 0, one query, its 26 scores
     assert fastv.scorer_flops_true == 2 * 26 * 64 * 64 + 2 * 64 * 64 + 2 * 26 * 64
@@ -194,17 +198,86 @@ def test_paper_vanilla_figures():
     assert llava.kv_bytes == 318 * 2**20  # 636 tokens x 0.5 MiB
     nxt = account("llava_next_7b")
     assert nxt.n_visual == 2880 and round(nxt.flops_paper / 1e12, 2) == 16.67
-    pio = account("llava_1_5_7b", "pio_64", probe_backward_factor=0.0)
+    pio = account("llava_1_5_7b", "pio_64")
     assert pio.layer_average == 64.0
     assert round(pio.kv_bytes / 2**20) == 62  # README: 62 MB
-    assert round(pio.flops_paper / 1e12, 3) == 0.442  # README: 0.45 (forward-only probes)
-    assert round(account("llava_1_5_7b", "pio_64").flops_paper / 1e12, 3) == 0.675  # with backward = 2 x forward
     assert any("'nms'" in u for u in pio.uncounted)  # data-dependent selector work is listed, not hidden
     json.dumps(pio.to_dict())
     compiled = tokenreduce.build_plan("pio_64", n_layers=32)
     assert account("llava_1_5_7b", compiled).flops_true == account("llava_1_5_7b", "pio_64").flops_true
     with pytest.raises(PlanError, match="built for 32 decoder layers"):
         account(tiny_llava_config(), compiled)
+
+
+def test_pio_64_paper_column_is_the_papers_figure():
+    """PIO-FVLM's README: PIO at 11.1% on LLaVA-1.5-7B costs 0.45 T (6.62x against 2.98 T) in the
+    paper column, which counts each probe by its forward; the true column keeps the backward."""
+    vanilla = account("llava_1_5_7b")
+    pio = account("llava_1_5_7b", "pio_64")
+    assert pio.probe_backward_factor == PAPER_PROBE_BACKWARD_FACTOR == 0.0
+    assert 0.44e12 <= pio.flops_paper <= 0.45e12
+    assert round(pio.flops_paper / 1e12, 3) == 0.442
+    assert 6.6 <= pio.ratios(vanilla)["flops_paper"] <= 6.8  # 2.986 / 0.442 = 6.76
+    dims = text_dims(real_config("llava_1_5_7b"))
+    probes = [st for st in pio.stages if st.scorer == "pio"]
+    assert len(probes) == 3 and all(st.scored for st in probes)
+    # paper: the reduced layers + one layer forward f(N_before) per probe, nothing for the backward
+    forwards = sum(layer_flops_paper(st.visual_before, dims.hidden, dims.intermediate) for st in probes)
+    assert pio.scorer_flops_paper == forwards
+    assert pio.flops_paper == pio.llm_flops_paper + forwards
+    # true: each probe's forward and input-gradient backward, as they run
+    true_parts = [pio_probe_flops(st.tokens_before, 4, dims, "fast") for st in probes]
+    assert all(bwd > 0 for _, bwd in true_parts)
+    assert pio.scorer_flops_true == sum(fwd + bwd for fwd, bwd in true_parts)
+    assert pio.scorer_flops_true > sum(fwd for fwd, _ in true_parts)
+    assert (
+        pio.flops_true
+        == (pio.llm_flops_true + pio.lm_head_flops_true + pio.vision_flops_true + pio.projector_flops_true)
+        + pio.scorer_flops_true
+        + pio.selector_flops_true
+    )
+    assert "forward f(N_before) only, the paper's rule" in pio.to_dict()["conventions"]["flops_paper"]
+    # the official profiler's backward_gamma = 2 stays reachable; it moves the paper column only
+    gamma = account("llava_1_5_7b", "pio_64", probe_backward_factor=2)
+    assert round(gamma.flops_paper / 1e12, 3) == 0.675
+    assert gamma.flops_paper == pio.flops_paper + 2 * forwards
+    assert gamma.flops_true == pio.flops_true
+    assert "2 x f(N_before) for the backward" in gamma.to_dict()["conventions"]["flops_paper"]
+    # a plan without a gradient probe is the same under both rules
+    assert account("llava_1_5_7b", "fastv_64", probe_backward_factor=2).flops_paper == (
+        account("llava_1_5_7b", "fastv_64").flops_paper
+    )
+
+
+def test_reference_pio_costs_less_than_vanilla_in_the_paper_column():
+    """On the 4-layer reference model the probes are a large share, yet under the paper's rule
+    PIO at 11.1% stays below vanilla (it did not with the backward charged as 2 forwards)."""
+    vanilla = account("easyvqa_llava")
+    pio = account("easyvqa_llava", "ref_pio_11")
+    assert vanilla.n_visual == 144  # the config's image_seq_length (the model YAML leaves n_visual null)
+    assert pio.flops_paper < vanilla.flops_paper
+    assert account("easyvqa_llava", "ref_pio_11", probe_backward_factor=2).flops_paper > vanilla.flops_paper
+
+
+def test_flops_command_paper_rule_and_profiler_option(tmp_path, capsys):
+    from tokenreduce.cli import main
+
+    argv = ["flops", "model=llava_1_5_7b", "plans=[pio_64]", "flops.include_vision=false"]
+    results = {}
+    for factor in (0, 2):
+        out = tmp_path / f"gamma{factor}"
+        assert main([*argv, f"flops.probe_backward_factor={factor}", f"out_dir={out}"]) == 0
+        printed = capsys.readouterr().out
+        results[factor] = json.loads((out / "results.json").read_text())["accounting"]["pio_64"]
+        assert ("forward f(N_before) only, the paper's rule" in printed) == (factor == 0)
+        assert ("2 x f(N_before) for the backward" in printed) == (factor == 2)
+    assert round(results[0]["flops_paper"] / 1e12, 3) == 0.442
+    assert round(results[2]["flops_paper"] / 1e12, 3) == 0.675
+    assert results[0]["flops_true"] == results[2]["flops_true"]
+    for bad in ("-1", "nan", "inf", "abc"):
+        assert main([*argv, f"flops.probe_backward_factor={bad}", f"out_dir={tmp_path / 'bad'}"]) != 0
+        err = capsys.readouterr().err
+        assert "flops.probe_backward_factor" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,5 +386,14 @@ def test_bad_input_is_refused_clearly():
     assert account(text_only, None, n_visual=16, n_text=10, include_vision=False).vision_flops_true == 0
     with pytest.raises(TypeError, match="PretrainedConfig"):
         account(42)
+    for bad in (-1, -0.5, math.nan, math.inf, True, "2"):
+        with pytest.raises(ValueError, match="probe_backward_factor must be a finite number >= 0"):
+            account(
+                cfg,
+                {"stages": [{"layer": 1, "keep": 4, "scorer": "pio", "selector": "topk"}]},
+                16,
+                10,
+                probe_backward_factor=bad,
+            )
     trace_only = Trace(n_layers=2, original_visual=[16], final_index=[list(range(26))])
     assert account(cfg, None, trace=trace_only).per_layer_tokens == [26, 26]

@@ -86,7 +86,12 @@ class FlopsSettings(_Section):
     )
     include_vision: bool = Field(default=True, description="count the vision tower and projector in true FLOPs")
     probe_backward_factor: float = Field(
-        default=2.0, ge=0.0, description="backward cost of a gradient probe (PIO) in forward passes"
+        default=0.0,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="paper-convention FLOPs only: a gradient probe's (PIO's) backward charged as this many "
+        "probe forwards; 0: the paper's rule (forward only), 2: the official profiler's backward_gamma. "
+        "True FLOPs always count the backward as it runs",
     )
 
 

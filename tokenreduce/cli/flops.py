@@ -15,7 +15,7 @@ __all__ = ["cmd_flops"]
 
 def cmd_flops(overrides: Sequence[str]) -> int:
     from tokenreduce.measure.configs import hf_config
-    from tokenreduce.measure.flops import account
+    from tokenreduce.measure.flops import account, probe_rule
 
     ctx = setup("flops", overrides)
     plans = resolve_plans(ctx)
@@ -70,7 +70,8 @@ def cmd_flops(overrides: Sequence[str]) -> int:
         + ", scorer work);"
     )
     print(
-        "paper: sum over layers of 4nd^2 + 2n^2d + 2ndm with n = visual tokens (PIO-FVLM/FastV convention); x = vanilla / plan"
+        "paper: sum over layers of 4nd^2 + 2n^2d + 2ndm with n = visual tokens (PIO-FVLM/FastV convention), "
+        f"{probe_rule(fcfg.probe_backward_factor)}; x = vanilla / plan"
     )
     notes: dict[str, list[str]] = {}
     for name, acc in results.items():

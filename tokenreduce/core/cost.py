@@ -84,7 +84,7 @@ class StageCostInput:
     visual_at_previous_layer: int | None
     n_text: int
     dims: TextDims
-    probe_backward_factor: float
+    probe_backward_factor: float  # paper convention only: a probe backward = this x its forward (0: the paper's rule)
 
     def tokens_at(self, layer_offset: int) -> tuple[int, int]:
         """``(tokens, visual tokens)`` of the hidden states a signal at ``layer_offset`` reads

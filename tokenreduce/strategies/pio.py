@@ -165,13 +165,17 @@ class PIOScorer(Scorer):
 
     def cost(self, c: StageCostInput) -> Cost:
         """True: the probe's forward and input-gradient backward on the ``S`` tokens entering the
-        stage (``R = min(loss_positions, n_text - 1)`` loss rows); paper: ``f(N)`` forward plus
-        ``probe_backward_factor x f(N)`` backward (``docs/measurement.md``)."""
+        stage (``R = min(loss_positions, n_text - 1)`` loss rows), as they run; paper: the probe
+        forward ``f(N)``, the paper's rule, plus ``probe_backward_factor x f(N)`` for the backward
+        when that factor is set (default 0; ``docs/measurement.md``)."""
         rows = max(1, min(self.loss_positions, c.n_text - 1))
         fwd, bwd = pio_probe_flops(c.tokens_before, rows, c.dims, self.probe)
         paper = layer_flops_paper(c.visual_before, c.dims.hidden, c.dims.intermediate) * (1.0 + c.probe_backward_factor)
+        backward = (
+            f" x (1 + {c.probe_backward_factor:g}) with the backward" if c.probe_backward_factor else " (forward)"
+        )
         note = (
             f"pio probe={self.probe}: forward {fwd:.4g} + backward {bwd:.4g} on S={c.tokens_before} tokens, "
-            f"{rows} loss rows; paper f({c.visual_before}) x (1 + {c.probe_backward_factor:g})"
+            f"{rows} loss rows; paper f({c.visual_before}){backward}"
         )
         return Cost(fwd + bwd, paper, note)

@@ -10,7 +10,16 @@ cross-check with ``FlopCounterMode``.  Conventions, formulas and checks: ``docs/
 
 from tokenreduce.core.cost import Cost, StageCostInput
 
-from .accounting import KV_CONVENTION, PAPER_CONVENTION, TRUE_CONVENTION, Accounting, StageCost, account
+from .accounting import (
+    KV_CONVENTION,
+    PAPER_CONVENTION,
+    PAPER_PROBE_BACKWARD_FACTOR,
+    TRUE_CONVENTION,
+    Accounting,
+    StageCost,
+    account,
+    probe_rule,
+)
 from .counter import count_with_flop_counter
 from .formulas import (
     GATED_DECODERS,
@@ -27,6 +36,7 @@ __all__ = [
     "GATED_DECODERS",
     "KV_CONVENTION",
     "PAPER_CONVENTION",
+    "PAPER_PROBE_BACKWARD_FACTOR",
     "TRUE_CONVENTION",
     "Accounting",
     "Cost",
@@ -39,6 +49,7 @@ __all__ = [
     "count_with_flop_counter",
     "layer_flops_paper",
     "layer_flops_true",
+    "probe_rule",
     "text_dims",
     "vision_flops",
 ]

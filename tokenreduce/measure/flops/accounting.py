@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -19,7 +20,16 @@ from tokenreduce.core.types import Trace
 from ..kv import kv_bytes as _kv_bytes
 from .formulas import layer_flops_paper, layer_flops_true, text_dims, vision_flops
 
-__all__ = ["KV_CONVENTION", "PAPER_CONVENTION", "TRUE_CONVENTION", "Accounting", "StageCost", "account"]
+__all__ = [
+    "KV_CONVENTION",
+    "PAPER_CONVENTION",
+    "PAPER_PROBE_BACKWARD_FACTOR",
+    "TRUE_CONVENTION",
+    "Accounting",
+    "StageCost",
+    "account",
+    "probe_rule",
+]
 
 TRUE_CONVENTION = (
     "true FLOPs: 2 per multiply-add of every matrix product of the prefill (FlopCounterMode's "
@@ -32,6 +42,10 @@ PAPER_CONVENTION = (
     "n = visual tokens entering the layer (multiply-adds, MHA and 2-matrix MLP formula, text, vision tower "
     "and LM head excluded) + the strategies' overhead in the same formula"
 )
+#: the paper's own rule for a gradient probe in the paper convention: its forward only (PIO-FVLM's
+#: reported 0.45 T for LLaVA-1.5-7B at 64 tokens); ``probe_backward_factor`` > 0 adds a backward
+#: charged as that many forwards (the official profiler's ``backward_gamma`` = 2)
+PAPER_PROBE_BACKWARD_FACTOR = 0.0
 KV_CONVENTION = "bytes of K and V over all decoder layers after prefill: sum_l 2 * n_l * H_kv * head_dim * dtype bytes"
 
 
@@ -71,6 +85,8 @@ class Accounting:
         uncounted: components whose work is not counted, with the reason.
         kv_bytes: K and V over all layers after prefill at ``kv_dtype_bytes`` per element.
         layer_average: mean of ``per_layer_visual``.
+        probe_backward_factor: how ``flops_paper`` charged a gradient probe's backward, in probe
+            forwards (0: not at all, the paper's rule); ``flops_true`` counts it as it runs.
     """
 
     model: str
@@ -124,12 +140,30 @@ class Accounting:
         out["kv_mib"] = self.kv_mib
         out["conventions"] = {
             "flops_true": TRUE_CONVENTION,
-            "flops_paper": PAPER_CONVENTION
-            + f" (PIO probe: forward f(N_before) + {self.probe_backward_factor:g} x forward for the backward)",
+            "flops_paper": PAPER_CONVENTION + f" ({probe_rule(self.probe_backward_factor)})",
             "kv_bytes": KV_CONVENTION,
             "lm_head": f"logits at {self.lm_head_positions} position(s) (generate() uses logits_to_keep=1)",
         }
         return out
+
+
+def probe_rule(probe_backward_factor: float) -> str:
+    """How the paper convention charges a gradient probe (PIO) at ``probe_backward_factor``."""
+    if probe_backward_factor == PAPER_PROBE_BACKWARD_FACTOR:
+        return "PIO probe: its forward f(N_before) only, the paper's rule"
+    return (
+        f"PIO probe: forward f(N_before) + {probe_backward_factor:g} x f(N_before) for the backward, "
+        "not the paper's rule (probe_backward_factor=0)"
+    )
+
+
+def _check_factor(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(
+            f"probe_backward_factor must be a finite number >= 0 (0: the paper's rule, the probe's forward only; "
+            f"2: the official profiler's backward_gamma); got {value!r}"
+        )
+    return float(value)
 
 
 def _resolve_config(config: Any) -> tuple[PretrainedConfig, dict]:
@@ -187,7 +221,7 @@ def account(
     lm_head_positions: int | None = 1,
     vision_crops: int | None = None,
     vision_grid: tuple[int, int] | None = None,
-    probe_backward_factor: float = 2.0,
+    probe_backward_factor: float = PAPER_PROBE_BACKWARD_FACTOR,
 ) -> Accounting:
     """FLOPs (two conventions) and KV cache of one sample's prefill under ``plan``.
 
@@ -198,7 +232,8 @@ def account(
             name; validated and compiled for the config's depth.  With ``trace``, the plan supplies
             the scorers (their cost) and the trace the counts.
         n_visual: visual tokens of the sample before any stage.  Default: the model YAML's
-            ``n_visual`` if ``config`` is a name/mapping, else 576; from ``trace`` when given.
+            ``n_visual`` if ``config`` is a name/mapping and sets it, else the config's
+            ``image_seq_length``, else 576; from ``trace`` when given.
         n_text: all non-visual tokens of the prompt (system prompt, BOS, question...).  Default:
             the YAML's ``n_text``, else 60; from ``trace`` when given.
         trace: a :class:`Trace` of a real prefill (``attachment.trace``): per-layer visual counts
@@ -209,7 +244,10 @@ def account(
         lm_head_positions: positions whose logits are computed (1: ``generate()``'s
             ``logits_to_keep=1``; ``None``: every position of the last layer, a plain forward).
         vision_crops / vision_grid: see :func:`vision_flops`.
-        probe_backward_factor: paper convention, PIO backward = this x the probe forward.
+        probe_backward_factor: paper convention only: a gradient probe's (PIO's) backward is
+            charged as this many probe forwards.  0 (default): the paper's rule, the forward only;
+            2: the official profiler's ``backward_gamma``.  The true convention always counts the
+            backward as it runs (input gradients only).
 
     Raises:
         PlanError: an invalid plan, or one that does not fit the config's depth.
@@ -221,8 +259,7 @@ def account(
     compiled = _compile(plan, L)
     if kv_dtype_bytes not in (1, 2, 4, 8):
         raise ValueError(f"kv_dtype_bytes must be 1, 2, 4 or 8; got {kv_dtype_bytes!r}")
-    if probe_backward_factor < 0:
-        raise ValueError(f"probe_backward_factor must be >= 0; got {probe_backward_factor}")
+    probe_backward_factor = _check_factor(probe_backward_factor)
 
     stage_counts: list[tuple[int, int, int, int]] = []  # (stage index, tokens_before, visual_before, visual_after)
     if trace is not None:
@@ -239,8 +276,13 @@ def account(
             stage_counts.append((st.stage, st.tokens_before[sample], st.visual_before[sample], st.visual_after[sample]))
         source = "trace"
     else:
-        nv = n_visual if n_visual is not None else int(spec.get("n_visual", 576))
-        nt = n_text if n_text is not None else int(spec.get("n_text", 60))
+        # a YAML key set to null counts as absent
+        nv = (
+            n_visual
+            if n_visual is not None
+            else int(spec.get("n_visual") or getattr(cfg, "image_seq_length", 0) or 576)
+        )
+        nt = n_text if n_text is not None else int(spec.get("n_text") or 60)
         _check_count("n_visual", nv, 0)
         if compiled is not None:
             per_layer_visual = compiled.plan.visual_per_layer(nv, L)
