@@ -60,6 +60,11 @@ def load_run(folder: str | Path) -> Run:
     if not path.is_dir():
         raise TokenReduceError(f"RUN_DIR {str(folder)!r} is not a directory (give the folder holding results.json)")
     file = path / "results.json"
+    if not file.is_file() and (path / "shards").is_dir():
+        raise TokenReduceError(
+            f"RUN_DIR {str(folder)!r} holds the shard files of a sharded eval but no results.json yet: merge them "
+            f"first with tokenreduce eval eval.merge={folder} (docs/scaling.md)"
+        )
     if not file.is_file():
         raise TokenReduceError(
             f"RUN_DIR {str(folder)!r} has no results.json (an eval output folder holds config.yaml, results.json, "

@@ -21,9 +21,13 @@ __all__ = [
     "out_dir",
     "output_folder",
     "progress_note",
+    "resolved_config",
+    "results_meta",
     "trace_dict",
     "trace_rows",
+    "write_config",
     "write_outputs",
+    "write_results",
 ]
 
 
@@ -64,12 +68,9 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def write_outputs(ctx: Context, folder: Path, results: dict[str, Any], plans: dict[str, Any] | None = None) -> None:
-    """Write ``config.yaml`` (resolved, validated) and ``results.json`` into ``folder``."""
-    import yaml
-
-    from tokenreduce import __version__
-
+def resolved_config(ctx: Context, plans: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``config.yaml`` holds: the validated config, the resolved plans, the chosen presets,
+    the overrides and the command (plain JSON values)."""
     resolved = ctx.cfg.model_dump(mode="json")
     if plans is not None:
         resolved["resolved_plans"] = {
@@ -78,8 +79,14 @@ def write_outputs(ctx: Context, folder: Path, results: dict[str, Any], plans: di
     resolved["choices"] = ctx.choices
     resolved["overrides"] = ctx.overrides
     resolved["command"] = ctx.command
-    (folder / "config.yaml").write_text(yaml.safe_dump(jsonable(resolved), sort_keys=False, allow_unicode=True))
-    meta = {
+    return jsonable(resolved)
+
+
+def results_meta(ctx: Context) -> dict[str, Any]:
+    """``results.json``'s ``meta``: the command, its overrides and presets, versions, the time."""
+    from tokenreduce import __version__
+
+    return {
         "command": ctx.command,
         "overrides": ctx.overrides,
         "choices": ctx.choices,
@@ -87,9 +94,26 @@ def write_outputs(ctx: Context, folder: Path, results: dict[str, Any], plans: di
         "torch": torch.__version__,
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
+
+
+def write_config(folder: Path, resolved: dict[str, Any]) -> None:
+    """Write ``folder/config.yaml`` from :func:`resolved_config`."""
+    import yaml
+
+    (folder / "config.yaml").write_text(yaml.safe_dump(jsonable(resolved), sort_keys=False, allow_unicode=True))
+
+
+def write_results(folder: Path, meta: dict[str, Any], results: dict[str, Any]) -> None:
+    """Write ``folder/results.json``: ``meta`` (:func:`results_meta`) and ``results``."""
     (folder / "results.json").write_text(
         json.dumps(jsonable({"meta": meta, **results}), indent=1, allow_nan=False) + "\n"
     )
+
+
+def write_outputs(ctx: Context, folder: Path, results: dict[str, Any], plans: dict[str, Any] | None = None) -> None:
+    """Write ``config.yaml`` (resolved, validated) and ``results.json`` into ``folder``."""
+    write_config(folder, resolved_config(ctx, plans))
+    write_results(folder, results_meta(ctx), results)
 
 
 def progress_note(folder: Path, extra: Sequence[str] = ()) -> None:

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tokenreduce.core.errors import PlanError, TokenReduceError
 from tokenreduce.measure.configs import SourceKeys
+from tokenreduce.measure.shard import local_device, shard_from_env
 
 __all__ = ["KEYS", "ModelArgs", "TokenReduceLMM", "manifests", "MODEL_NAME"]
 
@@ -136,6 +137,12 @@ def _load_plan(spec: str | None):
         raise PlanError(f"model_args plan={spec!r}: {exc}") from None
 
 
+def _rank_file(name: str, rank: int) -> str:
+    """``trace_file`` of process ``rank`` of several: ``trace.jsonl`` -> ``trace.rank1.jsonl``."""
+    path = Path(name)
+    return str(path.with_name(f"{path.stem}.rank{rank}{path.suffix}"))
+
+
 def _check_trace_file(name: str) -> None:
     """``trace_file`` can be appended to (checked before the model is loaded, not after the first
     batch); an existing file is left as it is."""
@@ -166,6 +173,12 @@ class TokenReduceLMM(lmms):
 
         self.args = _parse_args(kwargs)
         self.plan = _load_plan(self.args.plan)
+        # under accelerate launch / torchrun, lmms-eval gives each process the requests of its RANK;
+        # each process takes the GPU of its LOCAL_RANK and writes its own trace file
+        shard = shard_from_env()
+        device = self.args.device if shard is None else local_device(self.args.device, shard.local_rank)
+        if self.args.trace_file is not None and shard is not None:
+            self.args.trace_file = _rank_file(self.args.trace_file, shard.index)
         if self.args.trace_file is not None:
             _check_trace_file(self.args.trace_file)
         self.loaded = load_pretrained(
@@ -173,7 +186,7 @@ class TokenReduceLMM(lmms):
             revision=self.args.revision,
             dtype=self.args.dtype,
             attn_implementation=self.args.attn_implementation,
-            device=self.args.device,
+            device=device,
             prompt=self.args.prompt,
             keys=KEYS,
         )
@@ -193,6 +206,11 @@ class TokenReduceLMM(lmms):
         self.tokenizer.padding_side = "left"
         self.batch_size = self.args.batch_size
         self.trace_records: list[dict[str, Any]] = []
+
+    @property
+    def device(self) -> torch.device:
+        """The model's device (lmms-eval's evaluator puts its cross-process request counts there)."""
+        return self.loaded.device
 
     # -- prompts and inputs -------------------------------------------------------------------
     def _prompt(self, context: str, n_images: int) -> str:

@@ -16,6 +16,13 @@ trace's actual per-sample counts (:func:`tokenreduce.measure.flops.account`; KV 
 model's dtype, e.g. 4 bytes per element in fp32), the layer average of visual tokens, and wall
 time.
 
+The driver works in two steps: :func:`measure` generates and keeps one record per question and
+configuration (:class:`EvalRecords`: answer, correctness, agreement and KL against vanilla, kept
+tokens, FLOPs), and :func:`summarize` turns complete records into the table (means in question
+order).  A sharded run (:mod:`tokenreduce.measure.shard`, docs/scaling.md) measures a subset of
+the batches per process and summarizes the merged records with the same code, so its table equals
+a single-process run's.
+
 With ``log_samples`` the result also holds one record per question and configuration (the
 question, gold answer, prediction, kept visual tokens per stage, first-token KL), which
 :meth:`EvalResult.write_samples` writes as one JSONL file per configuration (docs/cli.md).
@@ -34,7 +41,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tokenreduce.core.errors import TokenReduceError
 
@@ -48,8 +55,13 @@ __all__ = [
     "load_task",
     "format_prompt",
     "PlanOutputs",
+    "EvalRecords",
     "EvalResult",
+    "SAMPLE_KEYS",
+    "batch_count",
     "evaluate",
+    "measure",
+    "summarize",
 ]
 
 VANILLA = "vanilla"
@@ -104,6 +116,27 @@ class EvalSettings(BaseModel):
         description="keep the processed inputs of the batches (images decoded and preprocessed once for all "
         "configurations) up to this many MiB; 0: preprocess again for every configuration",
     )
+    shard: str | None = Field(
+        default=None,
+        description="run shard i of n (i/n, 0-based: 0/4 ... 3/4): the batches i, i+n, ... with every "
+        "configuration, written to out_dir/shards/ and merged when all are there; null: RANK/WORLD_SIZE of "
+        "torchrun or accelerate launch when WORLD_SIZE > 1, else one process (docs/scaling.md)",
+    )
+    merge: str | None = Field(
+        default=None,
+        description="merge the shard files of a sharded eval found in this folder (its out_dir, or a folder "
+        "holding its shards/ files) into results.json and results.md, as one process would write them; "
+        "nothing is evaluated",
+    )
+
+    @field_validator("shard", mode="before")
+    @classmethod
+    def _check_shard(cls, value: Any) -> Any:
+        from .shard import parse_shard
+
+        if value is not None:
+            parse_shard(value)
+        return value
 
 
 @dataclass
@@ -156,38 +189,154 @@ def format_prompt(template: str, question: str, question_format: str = "{questio
 
 @dataclass
 class PlanOutputs:
-    """What one configuration generated for every example (in example order).
+    """What one configuration generated for the evaluated batches (in example order).
 
     Attributes:
+        doc_ids: per example, its position in the evaluated subset.
         answers: decoded answers (special tokens skipped, stripped).
         tokens: generated ids up to the first end-of-sequence token.
-        first_logits: ``[N, V]`` float32 CPU raw logits of the first generated position.
+        batch_logits: per batch, ``[B, V]`` float32 CPU raw logits of the first generated position.
         n_visual, n_text: per example, tokens of the prompt.
         visual_per_layer: per example, visual tokens each decoder layer saw.
         accounting: per example, the FLOP/KV accounting dict (``None`` when unavailable).
         seconds: wall time of all of this configuration's ``generate()`` calls.
         select_seconds: time the stages spent scoring and selecting (sum over batches).
-        clamped_samples, clamped_stages: examples whose keep count was clamped at some stage
-            (the plan asked for more than the stage had, or a ratio rounded to 0), and the
-            clamped (stage, example) pairs (``StageTrace.requested`` vs ``kept``).
+        clamped: per example, the stages whose keep count was clamped (the plan asked for more
+            than the stage had, or a ratio rounded to 0: ``StageTrace.requested`` vs ``kept``).
         stage_layers: the cut layer of each stage (empty for vanilla).
         kept_per_stage: per example, the visual tokens each stage kept (``StageTrace.visual_after``).
     """
 
     name: str
+    doc_ids: list[int] = field(default_factory=list)
     answers: list[str] = field(default_factory=list)
     tokens: list[list[int]] = field(default_factory=list)
-    first_logits: torch.Tensor | None = None
+    batch_logits: list[torch.Tensor] = field(default_factory=list)
     n_visual: list[int] = field(default_factory=list)
     n_text: list[int] = field(default_factory=list)
     visual_per_layer: list[list[int]] = field(default_factory=list)
     accounting: list[dict[str, Any] | None] = field(default_factory=list)
     seconds: float = 0.0
     select_seconds: float = 0.0
-    clamped_samples: int = 0
-    clamped_stages: int = 0
+    clamped: list[int] = field(default_factory=list)
     stage_layers: list[int] = field(default_factory=list)
     kept_per_stage: list[list[int]] = field(default_factory=list)
+
+
+#: the keys of a per-sample log line (``EvalResult.samples``, docs/cli.md); a record of
+#: :class:`EvalRecords` has these and the per-question numbers the table is computed from
+SAMPLE_KEYS = (
+    "doc_id",
+    "question_id",
+    "image_id",
+    "question",
+    "answer",
+    "prediction",
+    "correct",
+    "first_token_agree",
+    "first_token_kl",
+    "stage_layers",
+    "kept_per_stage",
+    "visual_tokens",
+    "layer_average",
+)
+
+
+@dataclass
+class EvalRecords:
+    """What the driver measured, before it is summed up into a table: per configuration one
+    record per evaluated question, plus the configuration's times.  A single process has every
+    question; a shard of a sharded run has its batches' questions, and :meth:`merge` joins the
+    shards' records into what one process would have.  :func:`summarize` turns complete records
+    into the :class:`EvalResult` (the same code for a single and a merged run, so their tables
+    are equal).
+
+    A record has the keys of :data:`SAMPLE_KEYS` plus ``exact_match`` (whole answer equal to
+    vanilla's), ``text_tokens``, ``flops_true``, ``flops_paper``, ``kv_bytes`` (``None`` when the
+    accounting is unavailable) and ``clamped_stages`` (stages whose keep count was clamped).
+
+    Attributes:
+        n_examples: the size of the evaluated subset (``task.n``), whatever part of it is here.
+        names: configuration names, vanilla first.
+        plans: name -> the plan as JSON (``None`` for vanilla).
+        records: name -> records in ``doc_id`` order.
+        seconds, select_seconds: name -> wall time of its ``generate()`` calls, and of its stages'
+            scoring and selection (summed over batches, and over shards when merged).
+        notes: notes of the run (FLOP accounting problems).
+    """
+
+    n_examples: int
+    names: list[str]
+    plans: dict[str, dict[str, Any] | None]
+    records: dict[str, list[dict[str, Any]]]
+    seconds: dict[str, float]
+    select_seconds: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "n_examples": self.n_examples,
+            "names": self.names,
+            "plans": self.plans,
+            "records": self.records,
+            "seconds": self.seconds,
+            "select_seconds": self.select_seconds,
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalRecords:
+        return cls(
+            n_examples=int(data["n_examples"]),
+            names=list(data["names"]),
+            plans=dict(data["plans"]),
+            records={k: list(v) for k, v in data["records"].items()},
+            seconds={k: float(v) for k, v in data["seconds"].items()},
+            select_seconds={k: float(v) for k, v in data["select_seconds"].items()},
+            notes=list(data.get("notes") or []),
+        )
+
+    @classmethod
+    def merge(cls, parts: list[EvalRecords]) -> EvalRecords:
+        """The shards' records as one run: records joined in ``doc_id`` order, times summed,
+        notes kept once each (in shard order).
+
+        Raises:
+            TokenReduceError: parts of different runs (configurations, subset size), a question
+                in two parts or in none.
+        """
+        if not parts:
+            raise TokenReduceError("EvalRecords.merge: nothing to merge")
+        first = parts[0]
+        for i, part in enumerate(parts[1:], 1):
+            if part.names != first.names or part.plans != first.plans or part.n_examples != first.n_examples:
+                raise TokenReduceError(
+                    f"EvalRecords.merge: part {i} evaluated {part.names} on {part.n_examples} questions, part 0 "
+                    f"{first.names} on {first.n_examples}; the parts must come from one run"
+                )
+        records = {}
+        for name in first.names:
+            joined = sorted((r for part in parts for r in part.records[name]), key=lambda r: r["doc_id"])
+            ids = [r["doc_id"] for r in joined]
+            if ids != list(range(first.n_examples)):
+                seen = set(ids)
+                missing = sorted(set(range(first.n_examples)) - seen)
+                twice = sorted({d for d in ids if ids.count(d) > 1})
+                raise TokenReduceError(
+                    f"EvalRecords.merge: configuration {name!r} has {len(ids)} records for {first.n_examples} "
+                    f"questions (missing doc_id {missing[:10]}, doubled {twice[:10]}); the parts must cover the "
+                    "subset once"
+                )
+            records[name] = joined
+        return cls(
+            n_examples=first.n_examples,
+            names=list(first.names),
+            plans=dict(first.plans),
+            records=records,
+            seconds={n: sum(p.seconds[n] for p in parts) for n in first.names},
+            select_seconds={n: sum(p.select_seconds[n] for p in parts) for n in first.names},
+            notes=list(dict.fromkeys(note for p in parts for note in p.notes)),
+        )
 
 
 @dataclass
@@ -335,11 +484,15 @@ class _Batches:
     def __len__(self) -> int:
         return len(self.starts)
 
+    def get_examples(self, i: int) -> list[Example]:
+        """The questions of batch ``i``."""
+        start = self.starts[i]
+        return self.examples[start : start + self.settings.batch_size]
+
     def get(self, i: int) -> tuple[list[Example], dict, list[int], list[int]]:
         from .latency import count_tokens
 
-        start = self.starts[i]
-        batch = self.examples[start : start + self.settings.batch_size]
+        batch = self.get_examples(i)
         if i in self.cache:
             return (batch, *self.cache[i])
         prompts = [format_prompt(self.template, ex.question, self.question_format) for ex in batch]
@@ -353,16 +506,23 @@ class _Batches:
 
 
 def _generate(
-    loaded, batches: _Batches, compiled, name: str, settings: EvalSettings, accountant: _Accountant, bar
+    loaded,
+    batches: _Batches,
+    indices: list[int],
+    compiled,
+    name: str,
+    settings: EvalSettings,
+    accountant: _Accountant,
+    bar,
 ) -> PlanOutputs:
+    """Generate with one configuration on the batches ``indices`` (of ``batches``)."""
     model = loaded.model
     gen_cfg = model.generation_config
     eos = gen_cfg.eos_token_id
     pad = gen_cfg.pad_token_id
     tokenizer = getattr(loaded.processor, "tokenizer", loaded.processor)
     outputs = PlanOutputs(name)
-    logits = []
-    for i in range(len(batches)):
+    for i in indices:
         batch, inputs, n_vis, n_txt = batches.get(i)
         kwargs = dict(
             max_new_tokens=settings.max_new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
@@ -385,23 +545,24 @@ def _generate(
         trimmed = fidelity.trim_at_eos(generated, eos, pad)
         outputs.tokens += trimmed
         outputs.answers += [tokenizer.decode(t, skip_special_tokens=True).strip() for t in trimmed]
-        logits.append(out.logits[0].float().cpu())
+        outputs.batch_logits.append(out.logits[0].float().cpu())
+        clamped = [0] * len(batch)
+        if trace is not None:
+            outputs.stage_layers = [st.layer for st in trace.stages]
+            outputs.select_seconds += sum(st.seconds for st in trace.stages)
+            for _, b in trace.clamped():
+                clamped[b] += 1
         for b in range(len(batch)):
             per_layer = trace.visual_per_layer(b) if trace is not None else [n_vis[b]] * loaded.n_layers
+            outputs.doc_ids.append(batches.starts[i] + b)
             outputs.n_visual.append(n_vis[b])
             outputs.n_text.append(n_txt[b])
             outputs.visual_per_layer.append(per_layer)
             outputs.kept_per_stage.append([st.visual_after[b] for st in trace.stages] if trace is not None else [])
+            outputs.clamped.append(clamped[b])
             plan_obj = compiled[1].plan if compiled is not None else None
             outputs.accounting.append(accountant(name, plan_obj, n_vis[b], n_txt[b], trace, b, per_layer))
-        if trace is not None:
-            outputs.stage_layers = [st.layer for st in trace.stages]
-            outputs.select_seconds += sum(st.seconds for st in trace.stages)
-            pairs = trace.clamped()
-            outputs.clamped_stages += len(pairs)
-            outputs.clamped_samples += len({b for _, b in pairs})
         bar.update(len(batch))
-    outputs.first_logits = torch.cat(logits, dim=0)
     return outputs
 
 
@@ -421,7 +582,8 @@ def evaluate(
     task_info: Mapping[str, Any] | None = None,
     progress_factory: Callable[..., Any] | None = None,
 ) -> EvalResult:
-    """Evaluate vanilla and then every plan on ``examples``.
+    """Evaluate vanilla and then every plan on ``examples``: :func:`measure` on every batch, then
+    :func:`summarize`.
 
     Args:
         loaded: a :class:`tokenreduce.models.LoadedModel` with a processor.
@@ -438,6 +600,39 @@ def evaluate(
         flops_true, flops_paper, tflops_true, tflops_paper, kv_bytes, kv_mib, layer_average,
         seconds, ms_per_example, select_seconds, flop_ratio``.
     """
+    settings = settings or EvalSettings()
+    records = measure(
+        loaded,
+        examples,
+        plans,
+        settings,
+        template=template,
+        question_format=question_format,
+        progress_factory=progress_factory,
+    )
+    return summarize(records, settings, task_info)
+
+
+def batch_count(n_examples: int, settings: EvalSettings) -> int:
+    """The number of evaluation batches of ``n_examples`` questions (the units a sharded run splits)."""
+    return -(-n_examples // settings.batch_size)
+
+
+def measure(
+    loaded,
+    examples: list[Example],
+    plans: Mapping[str, Any],
+    settings: EvalSettings | None = None,
+    *,
+    template: str,
+    question_format: str = "{question}",
+    progress_factory: Callable[..., Any] | None = None,
+    batches: list[int] | None = None,
+) -> EvalRecords:
+    """Generate with vanilla and then every plan on the batches ``batches`` of ``examples``
+    (batch ``b``: questions ``b * batch_size`` .. ``(b + 1) * batch_size - 1``; ``None``: all),
+    and return the per-question records (:class:`EvalRecords`).  The batches are those of a
+    single run whatever subset is asked for, so a shard computes what one process computes."""
     import tokenreduce
 
     if not examples:
@@ -450,62 +645,130 @@ def evaluate(
     accountant = _Accountant(loaded.model.config, notes, kv_dtype_bytes=loaded.dtype.itemsize)
     names = [VANILLA, *plans]
     runs: dict[str, PlanOutputs] = {}
-    batches = _Batches(loaded, examples, settings, template, question_format)
+    data = _Batches(loaded, examples, settings, template, question_format)
+    indices = list(range(len(data))) if batches is None else list(batches)
+    if any(not 0 <= i < len(data) for i in indices) or len(set(indices)) != len(indices):
+        raise TokenReduceError(f"measure: batches {indices} must be distinct numbers in 0 .. {len(data) - 1}")
     threads_before = torch.get_num_threads()
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    total = len(examples) * len(names)
+    total = sum(len(data.get_examples(i)) for i in indices) * len(names)
     if progress_factory is None:  # a bar on a terminal, one line per configuration elsewhere
         bar = progress_bar(total, "eval", enabled=settings.progress)
     else:
         bar = progress_factory(total=total, desc="eval", disable=not settings.progress, leave=False)
     try:
-        if settings.warmup:  # the first generate() pays one-off costs that would be charged to vanilla
-            _, first, _, _ = batches.get(0)
+        if settings.warmup and indices:  # the first generate() pays one-off costs that would be charged to vanilla
+            _, first, _, _ = data.get(indices[0])
             with torch.no_grad():
                 loaded.model.generate(**first, max_new_tokens=1, do_sample=False)
         for name in names:
             bar.set_postfix_str(name)
-            runs[name] = _generate(loaded, batches, compiled.get(name), name, settings, accountant, bar)
+            runs[name] = _generate(loaded, data, indices, compiled.get(name), name, settings, accountant, bar)
     finally:
         bar.close()
         torch.set_num_threads(threads_before)
+    return EvalRecords(
+        n_examples=len(examples),
+        names=names,
+        plans={
+            name: compiled[name][1].plan.model_dump(mode="json", exclude_defaults=True) if name in compiled else None
+            for name in names
+        },
+        records={name: _records(examples, runs[VANILLA], runs[name]) for name in names},
+        seconds={name: runs[name].seconds for name in names},
+        select_seconds={name: runs[name].select_seconds for name in names},
+        notes=notes,
+    )
 
-    gold = [ex.answer for ex in examples]
-    base = runs[VANILLA]
-    base_acc = fidelity.accuracy(base.answers, gold)
+
+def _records(examples: list[Example], base: PlanOutputs, run: PlanOutputs) -> list[dict[str, Any]]:
+    """One record per question of ``run`` (keys: :class:`EvalRecords`), against vanilla's ``base``;
+    the first-token KL is computed batch by batch, on the batches' own logits."""
+    kls: list[float] = []
+    for vanilla_logits, logits in zip(base.batch_logits, run.batch_logits):
+        kls += fidelity.first_token_kl(vanilla_logits, logits, reduction="none").tolist()
+    records = []
+    for j, doc in enumerate(run.doc_ids):
+        ex = examples[doc]
+        per_layer = run.visual_per_layer[j]
+        accounting = run.accounting[j] or {}
+        records.append(
+            {
+                "doc_id": doc,
+                "question_id": ex.index,
+                "image_id": ex.image_id,
+                "question": ex.question,
+                "answer": ex.answer,
+                "prediction": run.answers[j],
+                "correct": fidelity.accuracy([run.answers[j]], [ex.answer]) == 1.0,
+                "first_token_agree": fidelity.first_token_agreement([base.tokens[j]], [run.tokens[j]]) == 1.0,
+                "first_token_kl": kls[j] if math.isfinite(kls[j]) else None,
+                "stage_layers": list(run.stage_layers),
+                "kept_per_stage": run.kept_per_stage[j],
+                "visual_tokens": run.n_visual[j],
+                "layer_average": sum(per_layer) / len(per_layer),
+                "exact_match": fidelity.exact_match([base.tokens[j]], [run.tokens[j]]) == 1.0,
+                "text_tokens": run.n_text[j],
+                "flops_true": accounting.get("flops_true"),
+                "flops_paper": accounting.get("flops_paper"),
+                "kv_bytes": accounting.get("kv_bytes"),
+                "clamped_stages": run.clamped[j],
+            }
+        )
+    return records
+
+
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags)
+
+
+def summarize(
+    records: EvalRecords, settings: EvalSettings | None = None, task_info: Mapping[str, Any] | None = None
+) -> EvalResult:
+    """The table of complete records (every question of the subset, as :func:`measure` on all
+    batches or :meth:`EvalRecords.merge` of every shard gives): per configuration the means of
+    its per-question numbers, in question order, so the same records give the same floats."""
+    settings = settings or EvalSettings()
+    n = records.n_examples
+    for name in records.names:
+        if [r["doc_id"] for r in records.records[name]] != list(range(n)):
+            raise TokenReduceError(f"summarize: configuration {name!r} does not have one record per question")
+    notes = list(records.notes)
+    base_acc = _share([r["correct"] for r in records.records[VANILLA]])
     metrics = []
-    for name in names:
-        run = runs[name]
-        acc = fidelity.accuracy(run.answers, gold)
-        flops_true = _mean([a["flops_true"] if a else None for a in run.accounting])
-        flops_paper = _mean([a["flops_paper"] if a else None for a in run.accounting])
-        kv = _mean([a["kv_bytes"] if a else None for a in run.accounting])
+    for name in records.names:
+        recs = records.records[name]
+        acc = _share([r["correct"] for r in recs])
+        kls = [r["first_token_kl"] for r in recs]
+        kl = float(torch.tensor(kls, dtype=torch.float64).mean()) if None not in kls else None
+        flops_true = _mean([r["flops_true"] for r in recs])
+        flops_paper = _mean([r["flops_paper"] for r in recs])
+        kv = _mean([r["kv_bytes"] for r in recs])
+        clamped = [r["clamped_stages"] for r in recs]
         metrics.append(
             {
                 "name": name,
-                "plan": compiled[name][1].plan.model_dump(mode="json", exclude_defaults=True)
-                if name in compiled
-                else None,
+                "plan": records.plans[name],
                 "accuracy": acc,
                 "retention": fidelity.retention(acc, base_acc),
-                "first_token_agreement": fidelity.first_token_agreement(base.tokens, run.tokens),
-                "exact_match": fidelity.exact_match(base.tokens, run.tokens),
-                "first_token_kl": fidelity.first_token_kl(base.first_logits, run.first_logits),
+                "first_token_agreement": _share([r["first_token_agree"] for r in recs]),
+                "exact_match": _share([r["exact_match"] for r in recs]),
+                "first_token_kl": kl,
                 "flops_true": flops_true,
                 "flops_paper": flops_paper,
                 "tflops_true": flops_true / 1e12 if flops_true is not None else None,
                 "tflops_paper": flops_paper / 1e12 if flops_paper is not None else None,
                 "kv_bytes": kv,
                 "kv_mib": kv / 2**20 if kv is not None else None,
-                "layer_average": sum(sum(p) / len(p) for p in run.visual_per_layer) / len(run.visual_per_layer),
-                "n_visual_mean": sum(run.n_visual) / len(run.n_visual),
-                "n_text_mean": sum(run.n_text) / len(run.n_text),
-                "seconds": run.seconds,
-                "ms_per_example": 1e3 * run.seconds / len(examples),
-                "select_seconds": run.select_seconds,
-                "clamped_samples": run.clamped_samples,
-                "clamped_stages": run.clamped_stages,
+                "layer_average": sum(r["layer_average"] for r in recs) / n,
+                "n_visual_mean": sum(r["visual_tokens"] for r in recs) / n,
+                "n_text_mean": sum(r["text_tokens"] for r in recs) / n,
+                "seconds": records.seconds[name],
+                "ms_per_example": 1e3 * records.seconds[name] / n,
+                "select_seconds": records.select_seconds[name],
+                "clamped_samples": sum(c > 0 for c in clamped),
+                "clamped_stages": sum(clamped),
             }
         )
     vanilla_flops = metrics[0]["flops_true"]
@@ -520,42 +783,19 @@ def evaluate(
     if base_acc == 0:
         notes.append("vanilla accuracy is 0 (e.g. random weights): retention is undefined")
     per_example = []
-    for i, ex in enumerate(examples):
-        row = {"index": ex.index, "image_id": ex.image_id, "question": ex.question, "gold": ex.answer}
+    for i, rec in enumerate(records.records[VANILLA]):
+        row = {
+            "index": rec["question_id"],
+            "image_id": rec["image_id"],
+            "question": rec["question"],
+            "gold": rec["answer"],
+        }
         if settings.keep_answers:
-            row["answers"] = {name: runs[name].answers[i] for name in names}
+            row["answers"] = {name: records.records[name][i]["prediction"] for name in records.names}
         per_example.append(row)
-    samples = _samples(examples, runs, names) if settings.log_samples else {}
+    samples = (
+        {name: [{k: r[k] for k in SAMPLE_KEYS} for r in records.records[name]] for name in records.names}
+        if settings.log_samples
+        else {}
+    )
     return EvalResult(task=dict(task_info or {}), metrics=metrics, examples=per_example, notes=notes, samples=samples)
-
-
-def _samples(examples: list[Example], runs: Mapping[str, PlanOutputs], names: list[str]) -> dict[str, list[dict]]:
-    """The per-example records of every configuration (keys: :class:`EvalResult`)."""
-    base = runs[VANILLA]
-    samples = {}
-    for name in names:
-        run = runs[name]
-        kl = fidelity.first_token_kl(base.first_logits, run.first_logits, reduction="none")
-        records = []
-        for i, ex in enumerate(examples):
-            per_layer = run.visual_per_layer[i]
-            kl_i = float(kl[i])
-            records.append(
-                {
-                    "doc_id": i,
-                    "question_id": ex.index,
-                    "image_id": ex.image_id,
-                    "question": ex.question,
-                    "answer": ex.answer,
-                    "prediction": run.answers[i],
-                    "correct": fidelity.accuracy([run.answers[i]], [ex.answer]) == 1.0,
-                    "first_token_agree": base.tokens[i][:1] == run.tokens[i][:1],
-                    "first_token_kl": kl_i if math.isfinite(kl_i) else None,
-                    "stage_layers": list(run.stage_layers),
-                    "kept_per_stage": run.kept_per_stage[i],
-                    "visual_tokens": run.n_visual[i],
-                    "layer_average": sum(per_layer) / len(per_layer),
-                }
-            )
-        samples[name] = records
-    return samples
