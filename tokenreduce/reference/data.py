@@ -193,8 +193,9 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """The reference models' word-level tokenizer.
+def make_tokenizer(words: Sequence[str] | None = None) -> PreTrainedTokenizerFast:
+    """The reference models' word-level tokenizer (``words``: another task's word list, e.g. the
+    scenes task's; default the easy-VQA :func:`vocabulary`).
 
     - vocabulary: :data:`SPECIAL_TOKENS` (ids 0..8) followed by the easy-VQA words of
       :func:`vocabulary` (about 35 words); anything else is ``<unk>`` (id 0);
@@ -209,7 +210,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     tok.normalizer = normalizers.Lowercase()  # special tokens are matched before normalisation
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##")  # joins words with single spaces
-    words = vocabulary()
+    words = vocabulary() if words is None else sorted(set(words))
     trainer = trainers.WordLevelTrainer(
         vocab_size=len(SPECIAL_TOKENS) + len(words), special_tokens=list(SPECIAL_TOKENS)
     )

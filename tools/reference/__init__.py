@@ -1,2 +1,2 @@
-"""Training of the easy-VQA reference models shipped in ``tokenreduce/reference/models/``:
-``tools/reference/TRAINING.md``."""
+"""Training of the reference models shipped in ``tokenreduce/reference/models/`` (easy-VQA) and of
+the scenes reference model (``--task scenes``): ``tools/reference/TRAINING.md``."""

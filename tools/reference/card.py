@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from tokenreduce.core.registry import get_registry
-from tokenreduce.reference import data
+from tokenreduce.reference import data, scenes
 
 __all__ = ["model_card"]
 
@@ -26,7 +26,16 @@ def _run_lines(m: dict[str, Any]) -> list[str]:
             + ", then ".join(f"`{c}`" for c in own)
         )
         vp = run.get("vision_pretrain")
-        if vp:
+        if vp and t.get("task") == "scenes":
+            lines.append(
+                f"  - stage 1, vision pre-training ({t['vision_pretrain_steps']} steps of "
+                f"{t['images_per_batch'] * t['questions_per_image']} images, peak lr {t['vision_pretrain_lr']}): the "
+                "vision tower and projector learn the shape and colour (or emptiness) of each cell of every training "
+                "scene's 3x3 grid from the visual tokens average-pooled over the cell, through linear heads thrown "
+                f"away afterwards; training accuracy at the end (per cell): shape {vp['shape_accuracy']:.3f}, colour "
+                f"{vp['color_accuracy']:.3f}"
+            )
+        elif vp:
             target = (
                 "through two linear heads thrown away afterwards"
                 if t.get("vision_pretrain_target", "heads") == "heads"
@@ -65,6 +74,8 @@ def model_card(m: dict[str, Any]) -> str:
     tower = "CLIP ViT (with CLS token)" if a["arch"] == "llava" else "Qwen2.5-VL windowed ViT (2x2 patch merger)"
     decoder = "Llama" if a["arch"] == "llava" else "Qwen2 (3-D M-RoPE)"
     cls = get_registry().spec_for(a["arch"]).model_class().__name__
+    if t.get("task") == "scenes":
+        return _scenes_card(m, tower, decoder, cls)
     lines = [
         f"# {m['name']}",
         "",
@@ -139,6 +150,88 @@ def model_card(m: dict[str, Any]) -> str:
             else f" (`{cls}`, and "
             "`tokenreduce.adapters.qwen2_5_vl.processor.ImageOnlyQwen2_5_VLProcessor.from_pretrained` for the processor)."
         ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _scenes_card(m: dict[str, Any], tower: str, decoder: str, cls: str) -> str:
+    """The model card of a reference model trained on the generated scenes (``--task scenes``)."""
+    a, t = m["arch"], m["train"]
+    n_train, n_test = scenes.SPLIT_SIZES["train"], scenes.SPLIT_SIZES["test"]
+    k = scenes.QUESTIONS_PER_IMAGE
+    lines = [
+        f"# {m['name']}",
+        "",
+        f"A small `{cls}` trained from scratch by `tokenreduce` on its generated cluttered-scene questions "
+        "(`tokenreduce.reference.scenes`: 3 to 6 objects per image, questions about one object or a relation), "
+        "shipped so that visual-token reduction can be measured on a model whose answers depend on which "
+        "visual tokens are kept, without downloading weights.",
+        "",
+        "## Architecture",
+        "",
+        f"- vision tower: {tower}, {a['vision_layers']} layers, width {a['vision_hidden']}, "
+        f"{a['vision_heads']} heads, {a['image_size']} px input, {a['patch']} px patches",
+        f"- visual tokens per image: {m['visual_tokens']}",
+        f"- language model: {decoder}, {a['text_layers']} decoder layers, width {a['text_hidden']}, "
+        f"{a['text_heads']} heads ({a['text_kv_heads']} KV heads), MLP {a['text_intermediate']}, vocabulary {a['vocab_size']}",
+        f"- parameters: {m['parameters']:,} ({m['weights_bytes'] / 1e6:.2f} MB fp32 safetensors)",
+        "- tokenizer: word level over the scenes vocabulary, `<s>` prepended, left padding",
+        "",
+        "## Prompt and answer",
+        "",
+        "```",
+        data.prompt("what color is the shape next to the red circle?", a["arch"]),
+        "```",
+        "",
+        "The model answers with one word or digit followed by `</s>`; greedy `generate(max_new_tokens=3)` stops there.",
+        "",
+        "## Training",
+        "",
+        f"- data: the scenes train split ({n_train:,} images, {n_train * k:,} questions) minus the questions of "
+        f"{t['val_images']} held-out training images (seed {t['seed']}), used for model selection only; the test "
+        f"split ({n_test:,} images, {n_test * k:,} questions) was never used for selection",
+        *_run_lines(m),
+        f"- wall time in all: {m['wall_seconds'] / 60:.1f} min ({m['train_seconds'] / 60:.1f} min of "
+        f"optimizer steps, the rest held-out evaluation and checkpoints; + {m['prep_seconds']:.0f} s data "
+        "preparation per start; the final test evaluation not counted)",
+        f"- hardware: {m['hardware']} (a shared machine: wall time depends on other jobs' load)",
+        "",
+        "## Accuracy (exact match of the answer word)",
+        "",
+    ]
+    if "test_accuracy" in m:
+        how = (
+            "teacher forcing: the answer and `</s>` both the argmax, which is what greedy decoding returns"
+            if m.get("test_method") == "teacher_forced"
+            else "greedy `generate()`"
+        )
+        lines.append(f"Measured by {how}.")
+        lines.append("")
+        lines.append(f"- scenes test split, {m['test_questions']:,} questions: **{m['test_accuracy']:.4f}**")
+        if "ci_subset_accuracy" in m:
+            lines.append(
+                f"- the 200 fixed test questions checked by CI (`scenes.fixed_test_subset(200, seed=0)`): "
+                f"{m['ci_subset_accuracy']:.4f}"
+            )
+        lines += ["", "Per question type:", "", "| type | questions | accuracy |", "| --- | --- | --- |"]
+        lines += [
+            f"| {typ} | {v['n']:,} | {v['accuracy']:.4f} |" for typ, v in m.get("test_accuracy_per_type", {}).items()
+        ]
+        lines += ["", "Per answer:", "", "| answer | accuracy |", "| --- | --- |"]
+        lines += [f"| {k_} | {v:.4f} |" for k_, v in m["test_accuracy_per_answer"].items()]
+    else:
+        lines.append("- not measured (`--test-questions 0`)")
+    lines += [
+        "",
+        "## Loading",
+        "",
+        "```python",
+        "from tokenreduce.reference import load_folder",
+        "model, processor = load_folder(FOLDER)  # this folder",
+        "```",
+        "",
+        f"or with plain `from_pretrained` on this folder (`{cls}` / `AutoProcessor`).",
         "",
     ]
     return "\n".join(lines)

@@ -1,8 +1,10 @@
-"""Train an easy-VQA reference VLM from scratch (seeded, reproducible, resumable).
+"""Train a reference VLM from scratch on easy-VQA or the generated scenes (seeded, reproducible,
+resumable).
 
 Usage, from the repository root::
 
     python -m tools.reference.train --arch llava --out runs/easyvqa-llava
+    python -m tools.reference.train --task scenes --out runs/scenes-llava   # 576 visual tokens, 8 layers
     python -m tools.reference.train --tiny --steps 20 --out /tmp/t        # smoke test
 
 What a run does, the flags, and the recipe and measurements behind the shipped models:
@@ -29,22 +31,45 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 if __package__ in (None, ""):  # run as a file (python tools/reference/train.py): the checkout on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tokenreduce.reference import data  # noqa: E402
+from tokenreduce.reference import data, scenes  # noqa: E402
 from tokenreduce.reference.evaluate import evaluate_generate  # noqa: E402
 from tools.reference.build import ARCHS, ArchSettings, build_model, make_processor, num_visual_tokens  # noqa: E402
 from tools.reference.card import model_card  # noqa: E402
 
-__all__ = ["TrainSettings", "TINY_ARCH", "TINY_TRAIN", "train", "main"]
+__all__ = [
+    "TASKS",
+    "TrainSettings",
+    "TINY_ARCH",
+    "TINY_TRAIN",
+    "SCENES_ARCH",
+    "SCENES_TRAIN",
+    "task_data",
+    "train",
+    "main",
+]
 
 CHECKPOINT = "checkpoint.pt"
 #: how the script is run (recorded on the model card)
 PROG = "python -m tools.reference.train"
+
+
+#: The data sets a reference model can be trained on (``--task``).
+TASKS = ("easy_vqa", "scenes")
+
+
+def task_data(task: str) -> types.ModuleType:
+    """The data module of ``task``: :mod:`tokenreduce.reference.data` (easy-VQA) or
+    :mod:`tokenreduce.reference.scenes`; both provide ``load_split``, ``make_tokenizer``,
+    ``train_val_split`` and ``fixed_test_subset``."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    return data if task == "easy_vqa" else scenes
 
 
 class TrainSettings(BaseModel):
@@ -52,6 +77,11 @@ class TrainSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    task: typing.Literal["easy_vqa", "scenes"] = Field(
+        "easy_vqa",
+        description="training data: easy-VQA (one shape per image) or the generated cluttered scenes "
+        "(tokenreduce.reference.scenes); --task scenes also switches the defaults to SCENES_ARCH and SCENES_TRAIN",
+    )
     steps: int = Field(1500, gt=0, description="stage-2 optimizer steps in total")
     images_per_batch: int = Field(32, gt=0, description="images per optimizer step")
     questions_per_image: int = Field(4, gt=0, description="at most this many questions of each image per step")
@@ -95,6 +125,19 @@ class TrainSettings(BaseModel):
         None, gt=0, description="stop this invocation at this step (checkpoint written, no export); resume later"
     )
 
+    @model_validator(mode="after")
+    def _check_task(self) -> TrainSettings:
+        if self.task == "scenes" and self.hflip:
+            raise ValueError(
+                "hflip: flipping a scene changes its left/right answers; use --no-hflip with --task scenes"
+            )
+        if self.task == "scenes" and self.vision_pretrain_steps and self.vision_pretrain_target != "heads":
+            raise ValueError(
+                "vision_pretrain_target: --task scenes pre-trains per grid cell with linear heads; "
+                "use --vision-pretrain-target heads (or --vision-pretrain-steps 0)"
+            )
+        return self
+
 
 #: Settings that may change between a run and its resumption.
 _RESUMABLE_CHANGES = {
@@ -137,8 +180,47 @@ TINY_TRAIN: dict[str, Any] = dict(
 )
 
 
+#: ``--task scenes``: the model sizes of the scenes reference model (LLaVA-1.5 architecture at 576
+#: visual tokens: 96 px images, 4 px patches, 24x24 patches; 8 decoder layers of width 64, the
+#: width that fits a 2-hour run on 2 CPU cores: TRAINING.md). Flags override them.
+SCENES_ARCH: dict[str, Any] = dict(
+    image_size=scenes.IMAGE_SIZE,
+    patch=4,
+    vision_hidden=64,
+    vision_layers=3,
+    vision_heads=4,
+    text_hidden=64,
+    text_layers=8,
+    text_heads=2,
+    text_kv_heads=2,
+    text_intermediate=128,
+)
+#: ``--task scenes``: the training defaults (no flips: they would change left/right answers; all 6
+#: questions of an image on one shared prefix; cell-wise stage 1 with linear heads).
+SCENES_TRAIN: dict[str, Any] = dict(
+    task="scenes",
+    hflip=False,
+    questions_per_image=scenes.QUESTIONS_PER_IMAGE,
+    images_per_batch=16,
+    steps=2500,
+    lr=1e-3,
+    vision_pretrain_target="heads",
+    vision_pretrain_steps=600,
+    balance_yes_no=False,
+    val_images=300,
+    eval_every=250,
+    name="scenes-llava",
+)
+#: ``--task scenes --tiny``: the tiny model on 32 px renderings would lose the objects; 48 px, 8 px
+#: patches (36 visual tokens).
+TINY_SCENES_ARCH: dict[str, Any] = dict(TINY_ARCH, image_size=48, patch=8)
+
+
 # ---------------------------------------------------------------------------------------------
 # data
+
+
+_Split = data.EasyVQASplit | scenes.ScenesSplit
 
 
 class _ImageCache:
@@ -149,7 +231,7 @@ class _ImageCache:
     ``image_grid_thw [B, 3]``.
     """
 
-    def __init__(self, split: data.EasyVQASplit, image_ids: Sequence[int], processor, arch: str, flips: bool):
+    def __init__(self, split: _Split, image_ids: Sequence[int], processor, arch: str, flips: bool):
         self.arch = arch
         self.row = {img: r for r, img in enumerate(sorted(set(image_ids)))}
         images = [split.image(img) for img in sorted(self.row)]
@@ -199,7 +281,7 @@ class _Encoded:
         by_image: image id -> its rows, ascending.
     """
 
-    def __init__(self, split: data.EasyVQASplit, index: Sequence[int], tokenizer, arch: str, n_visual: int):
+    def __init__(self, split: _Split, index: Sequence[int], tokenizer, arch: str, n_visual: int):
         image_token = data.IMAGE_TOKEN_ID if arch == "llava" else data.IMAGE_PAD_TOKEN_ID
         prompts = [data.prompt(split.questions[i], arch) for i in index]
         prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
@@ -226,7 +308,7 @@ class _Encoded:
             self.suffix[k, : len(r)] = torch.tensor(r)
         self.answer_ids = torch.tensor(answer_ids)
         if bool((self.answer_ids == tokenizer.unk_token_id).any()):
-            raise ValueError("an easy-VQA answer is not a single token of the tokenizer")
+            raise ValueError("an answer is not a single token of the tokenizer")
         self.image_ids = [split.image_ids[i] for i in index]
         self.weights = _yes_no_weights([split.questions[i] for i in index], [split.answers[i] for i in index])
         self.by_image: dict[int, list[int]] = {}
@@ -409,20 +491,31 @@ def teacher_forced_accuracy(
     A question counts as correct when the argmax at both target positions is right, which is
     what greedy ``generate()`` answers.
     """
+    correct, loss_sum = teacher_forced_correct(model, arch, encoded, images, batch_size)
+    return float(correct.float().mean()), loss_sum / len(encoded)
+
+
+@torch.no_grad()
+def teacher_forced_correct(
+    model, arch: str, encoded: _Encoded, images: _ImageCache, batch_size: int
+) -> tuple[torch.Tensor, float]:
+    """``(correct [N] bool, summed loss)``: whether the argmax at the answer and at ``</s>`` are both
+    right, for every row of ``encoded`` (in row order), and the summed mean-of-two-tokens loss."""
     was_training = model.training
     model.eval()
-    hits, loss_sum, batch, size = 0, 0.0, [], 0
+    correct = torch.zeros(len(encoded), dtype=torch.bool)
+    loss_sum, batch, size = 0.0, [], 0
     units = [_Unit(img, tuple(rows), len(rows)) for img, rows in sorted(encoded.by_image.items())]
     for i, unit in enumerate(units):
         batch.append(unit)
         size += len(unit.rows)
         if size >= batch_size or i == len(units) - 1:
             sel, tgt, _ = forward_units(model, arch, encoded, images, batch, None)
-            hits += int((sel.argmax(-1) == tgt).all(-1).sum())
+            correct[torch.tensor([r for u in batch for r in u.rows])] = (sel.argmax(-1) == tgt).all(-1)
             loss_sum += float(F.cross_entropy(sel.flatten(0, 1), tgt.flatten(), reduction="sum")) / 2
             batch, size = [], 0
     model.train(was_training)
-    return hits / len(encoded), loss_sum / len(encoded)
+    return correct, loss_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -445,10 +538,51 @@ def image_features(model, pixels: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(out.pooler_output))
 
 
+_Tag = tuple[str | None, str | None]
+_NONE = "none"  # the class of an empty grid cell (scenes)
+
+
+def _cell_tags(split: scenes.ScenesSplit, encoded: _Encoded) -> dict[int, tuple[_Tag, ...]]:
+    """Stage-1 labels of the scenes task: per training image, the (shape, colour) of each cell of its
+    3x3 grid in row-major order, ``("none", "none")`` for an empty cell (read off the generated scene)."""
+    tags = {}
+    for img in sorted(encoded.by_image):
+        scene = split.scenes[img]
+        cells = []
+        for row, col in sorted(scenes.CELL_NAMES):
+            k = scene.at(row, col)
+            cells.append((_NONE, _NONE) if k is None else (scene.objects[k].shape, scene.objects[k].color))
+        tags[img] = tuple(cells)
+    return tags
+
+
+def _pool_cells(features: torch.Tensor, n_cells: int) -> torch.Tensor:
+    """``[B, N_vis, D]`` -> ``[B, n_cells, D]``: the mean visual token (1 cell), or the tokens
+    average-pooled over each cell of a ``sqrt(n_cells)``-square grid laid over the square token
+    grid, row-major."""
+    if n_cells == 1:
+        return features.mean(1, keepdim=True)
+    b, n, d = features.shape
+    side, cells_side = math.isqrt(n), math.isqrt(n_cells)
+    if side * side != n or cells_side * cells_side != n_cells:
+        raise ValueError(f"cell pooling needs square grids, got {n} visual tokens and {n_cells} cells")
+    grid = features.transpose(1, 2).reshape(b, d, side, side)
+    return F.adaptive_avg_pool2d(grid, cells_side).flatten(2).transpose(1, 2)
+
+
 def pretrain_vision(
-    model, images: _ImageCache, tags: dict[int, tuple[str | None, str | None]], s: TrainSettings, bar=None
+    model,
+    images: _ImageCache,
+    tags: dict[int, _Tag] | dict[int, tuple[_Tag, ...]],
+    s: TrainSettings,
+    bar=None,
 ) -> list[dict[str, float]]:
     """Stage 1: train the vision tower and projector to tell each image's shape and colour.
+
+    ``tags`` holds, per image, its ``(shape, colour)`` (easy-VQA, :func:`tokenreduce.reference.data.image_tags`;
+    classified from the mean visual token) or, for the scenes task, one ``(shape, colour)`` per cell
+    of its 3x3 grid (:func:`_cell_tags`, ``"none"`` for empty cells; classified from the visual
+    tokens average-pooled over each cell, so the tokens learn what is where).
 
     LLaVA starts from a pre-trained CLIP; the reference models start from scratch, and a
     language-model loss alone is slow to teach a small ViT shapes (measured: the VQA loss learned
@@ -462,17 +596,26 @@ def pretrain_vision(
     Returns:
         per-step ``{"step", "loss", "shape_accuracy", "color_accuracy"}``.
     """
-    known = sorted(img for img, (shape, color) in tags.items() if img in images.row and (shape or color))
+
+    def cells(tag) -> list[_Tag]:
+        return list(tag) if tag and isinstance(tag[0], tuple) else [tag]
+
+    if s.task == "scenes":
+        shapes, colors = (_NONE, *scenes.SCENE_SHAPES), (_NONE, *scenes.SCENE_COLORS)
+    else:
+        shapes, colors = data.SHAPES, data.COLORS
+    known = sorted(img for img, tag in tags.items() if img in images.row and any(sh or co for sh, co in cells(tag)))
     if not known:
         raise ValueError("vision pre-training: no training image has a shape or colour tag")
-    shape_y = torch.tensor([data.SHAPES.index(tags[i][0]) if tags[i][0] else -100 for i in known])
-    color_y = torch.tensor([data.COLORS.index(tags[i][1]) if tags[i][1] else -100 for i in known])
+    shape_y = torch.tensor([[shapes.index(sh) if sh else -100 for sh, _ in cells(tags[i])] for i in known])  # [N, C]
+    color_y = torch.tensor([[colors.index(co) if co else -100 for _, co in cells(tags[i])] for i in known])
+    n_cells, n_shapes = shape_y.shape[1], len(shapes)
     width = model.config.text_config.hidden_size
     params = [p for n, p in model.named_parameters() if not n.startswith(("model.language_model", "lm_head"))]
     if s.vision_pretrain_target == "heads":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed + 1)
-            head = torch.nn.Linear(width, len(data.SHAPES) + len(data.COLORS))
+            head = torch.nn.Linear(width, n_shapes + len(colors))
         extra = list(head.parameters())
         classify = head
     else:  # cosine similarity with the input embeddings of the 11 words, learned temperature (CLIP)
@@ -503,10 +646,10 @@ def pretrain_vision(
         pick = torch.randint(len(known), (batch,), generator=g)
         flip = (torch.rand(batch, generator=g) < 0.5) if s.hflip else None
         pixels = images.batch([known[i] for i in pick.tolist()], flip)
-        logits = classify(image_features(model, pixels).mean(1))  # [B, 11]
-        ys, yc = shape_y[pick], color_y[pick]
-        loss = F.cross_entropy(logits[:, :3], ys, ignore_index=-100) + F.cross_entropy(
-            logits[:, 3:], yc, ignore_index=-100
+        logits = classify(_pool_cells(image_features(model, pixels), n_cells)).flatten(0, 1)  # [B * C, S + K]
+        ys, yc = shape_y[pick].flatten(), color_y[pick].flatten()
+        loss = F.cross_entropy(logits[:, :n_shapes], ys, ignore_index=-100) + F.cross_entropy(
+            logits[:, n_shapes:], yc, ignore_index=-100
         )
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, stage)
@@ -515,8 +658,8 @@ def pretrain_vision(
         torch.nn.utils.clip_grad_norm_(params + extra, s.grad_clip)
         opt.step()
         with torch.no_grad():
-            acc_s = float((logits[:, :3].argmax(-1) == ys)[ys >= 0].float().mean())
-            acc_c = float((logits[:, 3:].argmax(-1) == yc)[yc >= 0].float().mean())
+            acc_s = float((logits[:, :n_shapes].argmax(-1) == ys)[ys >= 0].float().mean())
+            acc_c = float((logits[:, n_shapes:].argmax(-1) == yc)[yc >= 0].float().mean())
         log.append({"step": step + 1, "loss": loss.item(), "shape_accuracy": acc_s, "color_accuracy": acc_c})
         if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.3f}", shape=f"{acc_s:.2f}", color=f"{acc_c:.2f}", refresh=False)
@@ -586,7 +729,8 @@ def train(
     if resume and not ckpt_path.exists():
         raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
 
-    tokenizer = data.make_tokenizer()
+    task = task_data(settings.task)
+    tokenizer = task.make_tokenizer()
     if len(tokenizer) > arch.vocab_size:
         raise ValueError(f"vocab_size ({arch.vocab_size}) is smaller than the tokenizer ({len(tokenizer)} tokens)")
     processor = make_processor(arch, tokenizer)
@@ -603,12 +747,12 @@ def train(
             earlier = json.loads((model_dir_in / "metrics.json").read_text())
     optimizer = _optimizer(model, settings)
 
-    train_index, val_index = data.train_val_split(settings.val_images, seed=settings.seed)
+    train_index, val_index = task.train_val_split(settings.val_images, seed=settings.seed)
     if settings.max_train_questions is not None:
         train_index = train_index[: settings.max_train_questions]
     if settings.max_val_questions is not None:
         val_index = val_index[: settings.max_val_questions]
-    split = data.load_split("train")
+    split = task.load_split("train")
     n_visual = num_visual_tokens(arch)
     t0 = time.perf_counter()
     train_enc = _Encoded(split, train_index, tokenizer, arch.arch, n_visual)
@@ -640,7 +784,7 @@ def train(
         vision_log = saved.get("vision_log", [])
     if settings.vision_pretrain_steps and not vision_log:
         t_stage = time.perf_counter()
-        tags = data.image_tags("train", train_index)
+        tags = data.image_tags("train", train_index) if settings.task == "easy_vqa" else _cell_tags(split, train_enc)
         vbar = tqdm(
             total=settings.vision_pretrain_steps,
             desc="stage 1: vision",
@@ -790,8 +934,13 @@ def export(
     vision_log: list[dict[str, float]] | None = None,
     earlier: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Copy the best model to ``out/model``, measure its test accuracy with ``generate()``, and
-    write ``metrics.json`` and the ``README.md`` model card there."""
+    """Copy the best model to ``out/model``, measure its test accuracy, and write ``metrics.json`` and
+    the ``README.md`` model card there.
+
+    easy-VQA is measured with greedy ``generate()``; the scenes task by teacher forcing (the argmax
+    at the answer and at ``</s>`` both right: what greedy decoding of a one-word answer returns),
+    with the accuracy per question type as well, until
+    :func:`tokenreduce.reference.evaluate.evaluate_generate` takes other data sets."""
 
     from tokenreduce.reference import load_folder
 
@@ -832,25 +981,35 @@ def export(
         metrics["previous_runs"] = list(earlier.get("previous_runs", [])) + [
             {k: earlier[k] for k in keep if k in earlier}
         ]
-    total_test = len(data.load_split("test"))
-    n_test = total_test if settings.test_questions is None else min(settings.test_questions, total_test)
+    task = task_data(settings.task)
+    test = task.load_split("test")
+    n_test = len(test) if settings.test_questions is None else min(settings.test_questions, len(test))
     if n_test:
         t0 = time.perf_counter()
-        bar = tqdm(total=n_test, desc="test generate()", mininterval=2.0, dynamic_ncols=True)
-        full = evaluate_generate(
-            model, processor, "test", range(n_test), batch_size=settings.eval_batch_size, progress=bar.update
-        )
-        bar.close()
+        if settings.task == "easy_vqa":
+            bar = tqdm(total=n_test, desc="test generate()", mininterval=2.0, dynamic_ncols=True)
+            full = evaluate_generate(
+                model, processor, "test", range(n_test), batch_size=settings.eval_batch_size, progress=bar.update
+            )
+            bar.close()
+            indices, correct = list(full.indices), list(full.correct)
+        else:
+            indices = list(range(n_test))
+            encoded = _Encoded(test, indices, processor.tokenizer, arch.arch, num_visual_tokens(arch))
+            images = _ImageCache(test, encoded.image_ids, processor, arch.arch, flips=False)
+            hits, _ = teacher_forced_correct(model, arch.arch, encoded, images, settings.eval_batch_size)
+            correct = hits.tolist()
+            metrics["test_method"] = "teacher_forced"
+            metrics["test_accuracy_per_type"] = scenes.accuracy_by_type(test, indices, correct)
         metrics["test_seconds"] = round(time.perf_counter() - t0, 1)
-        metrics["test_questions"] = full.n
-        metrics["test_accuracy"] = full.accuracy
-        ci_index = data.fixed_test_subset()
-        pred = dict(zip(full.indices, full.correct))
+        metrics["test_questions"] = len(indices)
+        metrics["test_accuracy"] = sum(correct) / len(indices)
+        ci_index = task.fixed_test_subset()
+        pred = dict(zip(indices, correct))
         if all(i in pred for i in ci_index):
             metrics["ci_subset_accuracy"] = sum(pred[i] for i in ci_index) / len(ci_index)
         per_answer: dict[str, list[int]] = {}
-        test = data.load_split("test")
-        for i, ok in zip(full.indices, full.correct):
+        for i, ok in zip(indices, correct):
             per_answer.setdefault(test.answers[i], [0, 0])
             per_answer[test.answers[i]][0] += int(ok)
             per_answer[test.answers[i]][1] += 1
@@ -932,7 +1091,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = {k: v for k, v in vars(args).items() if v is not None and k != "refresh_card"}
     arch_kw = dict(TINY_ARCH) if args.tiny else {}
     train_kw = dict(TINY_TRAIN) if args.tiny else {}
-    if args.arch == "qwen2_5_vl" and not args.tiny:
+    if given.get("task") == "scenes":  # the scenes presets, under the flags given
+        arch_kw = dict(TINY_SCENES_ARCH if args.tiny else SCENES_ARCH)
+        train_kw = {**SCENES_TRAIN, **train_kw, "name": "scenes-tiny"} if args.tiny else dict(SCENES_TRAIN)
+    elif args.arch == "qwen2_5_vl" and not args.tiny:
         train_kw.setdefault("name", "easyvqa-qwen2_5_vl")
     arch_kw.update({k: v for k, v in given.items() if k in ArchSettings.model_fields and k != "arch"})
     train_kw.update({k: v for k, v in given.items() if k in TrainSettings.model_fields})
