@@ -118,6 +118,34 @@ class LlamaSignals:
         cos, sin = _usable(kwargs["position_embeddings"])
         return cos.expand(b, -1, -1), sin.expand(b, -1, -1)  # [B, S, hd] each
 
+    def _cached_keys(self, layer_offset: int, hidden: Tensor, kwargs: dict) -> Tensor | None:
+        """Layer K-1's keys after RoPE ``[B, H_kv, S, hd]`` as that layer stored them in the KV cache
+        of this prefill, or None (no cache, another layout, or ``layer_offset`` 0: the cut layer
+        has not run yet).
+
+        Layer K-1 ran on exactly the hidden states and rotary tables captured for it, through the
+        same projection, head norm and RoPE formula as :meth:`_keys_values`, so its cached keys
+        are what the recomputation would give, bit for bit (``tests/adapters/test_mask_fast_path.py``
+        checks it per architecture) and the ``S x d x d_kv`` key projection is not paid twice.
+        """
+        if layer_offset != -1:
+            return None
+        cache = kwargs.get("past_key_values")
+        entries = getattr(cache, "layers", None)
+        index = self._layer + layer_offset
+        if entries is None or not 0 <= index < len(entries):
+            return None
+        keys = getattr(entries[index], "keys", None)
+        b, s, _ = hidden.shape
+        if not isinstance(keys, Tensor) or keys.dim() != 4 or keys.shape[0] != b or keys.shape[2] != s:
+            return None  # not (only) this prefill's sequence: recompute
+        if keys.dtype != hidden.dtype or keys.device != hidden.device:
+            return None
+        # a copy laid out as _keys_values lays its keys out (heads inside positions: the projection's
+        # view, transposed): products that read them see the same strides, hence the same bits, and
+        # the cache itself is never handed out
+        return keys.transpose(1, 2).contiguous().transpose(1, 2)
+
     @staticmethod
     def _keys_values(layer, x: Tensor, cos: Tensor, sin: Tensor, with_values: bool = True):
         """Keys after RoPE (and values) at every position: ``[B, H_kv, S, hd]``."""
@@ -130,9 +158,10 @@ class LlamaSignals:
         return k, v
 
     def _row_attention(
-        self, layer, x: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, k: Tensor, v: Tensor | None
+        self, layer, x_rows: Tensor, cos: Tensor, sin: Tensor, rows: Tensor, k: Tensor, v: Tensor | None
     ) -> Tensor:
-        """Attention of query ``rows`` (``[B, R]`` slots) over all keys, causal by slot and
+        """Attention of query ``rows`` (``[B, R]`` slots; ``x_rows`` ``[B, R, d]`` their normed
+        hidden states) over all ``S`` keys ``k`` ``[B, H_kv, S, hd]``, causal by slot and
         padding-masked.
 
         Returns the probabilities ``[B, H, R, S]`` (computation dtype, softmax taken in float32
@@ -141,17 +170,17 @@ class LlamaSignals:
         the row dimension, so grouped-query keys and values are never repeated.
         """
         attn = layer.self_attn
-        b, s, _ = x.shape
-        r = rows.shape[1]
+        b, r, _ = x_rows.shape
+        s = k.shape[2]
         hd = attn.head_dim
         h_kv = k.shape[1]
-        q = _head_norm(attn, "q_norm", attn.q_proj(_gather_rows(x, rows)).view(b, r, -1, hd)).transpose(1, 2)
+        q = _head_norm(attn, "q_norm", attn.q_proj(x_rows).view(b, r, -1, hd)).transpose(1, 2)
         q = apply_rope(q, _gather_rows(cos, rows), _gather_rows(sin, rows))
         h = q.shape[1]
         groups = h // h_kv
         q = q.reshape(b, h_kv, groups * r, hd)  # head j*G+g of kv group j -> rows g*R..g*R+R-1
         scores = (q @ k.transpose(-1, -2)) * attn.scaling  # [B, H_kv, G*R, S]
-        slots = torch.arange(s, device=x.device)
+        slots = torch.arange(s, device=k.device)
         allowed = (slots.view(1, 1, s) <= rows.unsqueeze(-1)) & _usable(self._valid).unsqueeze(1)  # [B, R, S]
         allowed = allowed | (slots.view(1, 1, s) == rows.unsqueeze(-1))  # a padding row attends to itself: no NaN
         scores = scores.view(b, h_kv, groups, r, s).masked_fill(~allowed[:, None, None], float("-inf"))
@@ -166,12 +195,19 @@ class LlamaSignals:
         layer, hidden, kwargs = self._resolve(layer_offset)
         with torch.no_grad():
             cos, sin = self._rotary(kwargs, hidden.shape[0])
+            # the norm over every row, then the query rows: norming only the gathered rows is not
+            # bit-identical (the reduction's vectorisation depends on the tensor's shape)
             x = layer.input_layernorm(hidden)
-            k, _ = self._keys_values(layer, x, cos, sin, with_values=False)
-            return self._row_attention(layer, x, cos, sin, query_index, k, None).float()
+            k = self._cached_keys(layer_offset, hidden, kwargs)
+            if k is None:
+                k, _ = self._keys_values(layer, x, cos, sin, with_values=False)
+            return self._row_attention(layer, _gather_rows(x, query_index), cos, sin, query_index, k, None).float()
 
     def key_states(self, layer_offset: int = -1) -> Tensor:
         layer, hidden, kwargs = self._resolve(layer_offset)
+        cached = self._cached_keys(layer_offset, hidden, kwargs)
+        if cached is not None:
+            return cached  # a copy: the caller may change it, the cache stays as the layer wrote it
         with torch.no_grad():
             cos, sin = self._rotary(kwargs, hidden.shape[0])
             x = layer.input_layernorm(hidden)
@@ -188,7 +224,7 @@ class LlamaSignals:
         rows = torch.arange(s, device=hidden.device).expand(b, -1) if rows is None else _usable(rows)
         x = layer.input_layernorm(hidden)
         k, v = self._keys_values(layer, x, cos, sin)
-        out = self._row_attention(layer, x, cos, sin, rows, k, v)  # [B, R, H*hd]
+        out = self._row_attention(layer, _gather_rows(x, rows), cos, sin, rows, k, v)  # [B, R, H*hd]
         h = _gather_rows(hidden, rows) + layer.self_attn.o_proj(out)
         return h + layer.mlp(layer.post_attention_layernorm(h))
 

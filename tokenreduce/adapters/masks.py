@@ -31,19 +31,27 @@ def build_mask(
     k_valid: Tensor,
     dtype: torch.dtype,
     self_slot: Tensor | None = None,
+    fast_path: bool = True,
 ) -> Tensor | None:
     """Mask for queries ``q_order`` ([B, q] original positions) over keys ``k_order`` ([B, k]).
 
     ``self_slot``: ``[B, q]`` key slot of each query (for padding query rows to attend to
     themselves); ``None`` when the queries are not among the keys' padding slots (decode).
-    Returns None when nothing is masked beyond plain causality and the implementation can run
-    causally without a mask (sdpa/flash with no padding and ``q == k`` or ``q == 1``).
+
+    Fast path: returns None when no query or key of the batch is padding and nothing is masked
+    beyond plain causality, so the implementation runs without a mask: flash-attention always
+    (causality is implicit), sdpa when ``q == k`` (a prefill after a cut: the slots keep the
+    original order, so causal by slot is causal by original position; sdpa takes its
+    ``is_causal`` kernel) or ``q == 1`` (a decode step sees every key).  ``fast_path=False``
+    always builds the explicit mask (the reference the fast path is tested against).
     """
-    all_valid = bool(q_valid.all()) and bool(k_valid.all())
+    all_valid = bool((q_valid.all() & k_valid.all()).item())  # one host sync
     q, k = q_order.shape[1], k_order.shape[1]
     if impl.startswith("flash_attention"):
-        return None if all_valid else k_valid.to(torch.long)
-    if all_valid and impl == "sdpa" and (q == k or q == 1):
+        if all_valid and fast_path:
+            return None
+        return k_valid.to(torch.long)
+    if fast_path and all_valid and impl == "sdpa" and (q == k or q == 1):
         return None
     allowed = k_valid[:, None, :] & (k_order[:, None, :] <= q_order[:, :, None])  # [B, q, k]
     if self_slot is not None:

@@ -421,13 +421,14 @@ class CutAttachment:
         n_vis = visual.sum(-1)  # [B]
         n_orig = self._is_visual.sum(-1)
         captured = self._vision.take() if (self._vision is not None and cs.needs & VISION_NEEDS) else None
-        budgets = {n: self.plan.budget(n) for n in set(n_orig.tolist()) if n > 0}  # (requested, kept) per stage
-        requested = [budgets[n][0][cs.index] if n > 0 else 0 for n in n_orig.tolist()]
-        keep = sl.keep_counts(lambda n: budgets[n][1][cs.index], n_orig, n_vis)
-        tokens_before = slots.valid.sum(-1).tolist()
+        # the per-sample counts the budget and the trace need, read from the device in one copy
+        n_orig_h, n_vis_h, tokens_before = torch.stack([n_orig, n_vis, slots.valid.sum(-1)]).tolist()
+        budgets = {n: self.plan.budget(n) for n in set(n_orig_h) if n > 0}  # (requested, kept) per stage
+        requested = [budgets[n][0][cs.index] if n > 0 else 0 for n in n_orig_h]
+        keep = sl.keep_counts(lambda n: budgets[n][1][cs.index], n_orig_h, n_vis_h, hidden.device)  # [B]
         if bool((keep >= n_vis).all()):  # nothing to remove: the stage is the identity
             kept = sl.rows(slots.orig, visual)
-            self._record(cs, tokens_before, tokens_before, n_vis.tolist(), n_vis.tolist(), kept, requested, t0)
+            self._record(cs, tokens_before, tokens_before, n_vis_h, n_vis_h, kept, requested, t0)
             return hidden, None
 
         cand = sl.candidates(visual, slots.orig)
@@ -455,8 +456,8 @@ class CutAttachment:
         state = StageState(cs.index, cs.layer, reduced, offset)
 
         kept = sl.rows(slots.orig, chosen)
-        counts = keep_mask.sum(-1).tolist()
-        self._record(cs, tokens_before, counts, n_vis.tolist(), sel.valid.sum(-1).tolist(), kept, requested, t0)
+        counts, visual_after = torch.stack([keep_mask.sum(-1), sel.valid.sum(-1)]).tolist()
+        self._record(cs, tokens_before, counts, n_vis_h, visual_after, kept, requested, t0)
         if recorded is not None:
             self.trace.stages[-1].scores, self.trace.stages[-1].scored = recorded
         self.trace.final_index = sl.rows(reduced.orig, reduced.valid)

@@ -11,7 +11,7 @@ Shapes: ``B`` batch, ``S`` current length, ``N`` candidates (padded to the batch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,14 +85,21 @@ def visual_slots(is_visual: Tensor, slots: Slots) -> Tensor:
     return is_visual.gather(1, slots.orig) & slots.valid
 
 
-def keep_counts(budget: Callable[[int], int], n_original: Tensor, n_current: Tensor) -> Tensor:
+def keep_counts(
+    budget: Callable[[int], int],
+    n_original: Tensor | Sequence[int],
+    n_current: Tensor | Sequence[int],
+    device: torch.device | None = None,
+) -> Tensor:
     """``[B]`` long: candidates to keep per sample, ``budget(n_original)`` capped at ``n_current``
-    (0 for a sample without visual tokens)."""
-    return torch.tensor(
-        [min(budget(int(n)), int(c)) if n > 0 else 0 for n, c in zip(n_original, n_current)],
-        dtype=torch.long,
-        device=n_current.device,
-    )
+    (0 for a sample without visual tokens).  The counts may be tensors (each read from the device
+    in one copy) or host integers; the result is on ``device`` (default: ``n_current``'s)."""
+    if device is None and isinstance(n_current, Tensor):
+        device = n_current.device
+    n_o = n_original.tolist() if isinstance(n_original, Tensor) else list(n_original)
+    n_c = n_current.tolist() if isinstance(n_current, Tensor) else list(n_current)
+    counts = [min(budget(int(n)), int(c)) if n > 0 else 0 for n, c in zip(n_o, n_c)]
+    return torch.tensor(counts, dtype=torch.long, device=device)
 
 
 def candidates(visual: Tensor, orig: Tensor) -> Candidates:
@@ -201,5 +208,7 @@ def gather_rows(hidden: Tensor, gather: Tensor) -> Tensor:
 
 
 def rows(values: Tensor, mask: Tensor) -> list[list[int]]:
-    """Per row, the entries of ``values`` ``[B, S]`` where ``mask`` is True, as Python lists."""
+    """Per row, the entries of ``values`` ``[B, S]`` where ``mask`` is True, as Python lists (one
+    copy to the host for the whole batch, not one per row)."""
+    values, mask = values.cpu(), mask.cpu()
     return [row[m].tolist() for row, m in zip(values, mask)]
