@@ -46,7 +46,7 @@ Usage::
 
 Time on one H200-class GPU with the defaults (estimates): building each 7B model 10-30 s;
 parity 7 configurations x 3 kernels x a 4-token generate at batch 2, under 30 s per model;
-speed at batch 1 and 8, 1 warm-up + 5 repeats of (prefill + 32-token generate) for 7
+speed at batch 1 and 8, 1 warm-up + 5 repeats of a 32-token generate (prefill timed inside it) for 7
 configurations on LLaVA-1.5 (about 1-2 min) and 2 on LLaVA-NeXT (about 1 min).  ``--budget-s``
 (default 450) skips what would start after the budget is spent and says so in the report.
 """

@@ -13,7 +13,7 @@ __all__ = ["cmd_bench"]
 
 
 def cmd_bench(overrides: Sequence[str]) -> int:
-    from tokenreduce.measure.latency import benchmark
+    from tokenreduce.measure.latency import TABLE_LEGEND, benchmark
     from tokenreduce.measure.tasks import format_prompt
 
     ctx = setup("bench", overrides)
@@ -42,11 +42,15 @@ def cmd_bench(overrides: Sequence[str]) -> int:
     )
     print(result.table())
     print(f"peak memory: {result.memory_method}")
-    print(
-        "x = vanilla median / plan median; FLOP limit x = vanilla prefill FLOPs / plan prefill FLOPs (true convention)"
-    )
+    print(TABLE_LEGEND)
     for note in result.notes:
         print(f"note: {note}")
+    if result.compose is not None:
+        print()
+        print(f"composed estimate at {result.compose.n_layers} decoder layers (an estimate, not a measurement):")
+        print(result.compose.table())
+        for line in result.compose.describe():
+            print(line)
     folder = out_dir(ctx)
     write_outputs(ctx, folder, {"model": info, **result.to_dict()}, plans)
     progress_note(folder)
