@@ -265,12 +265,18 @@ def train_val_split(val_images: int = 300, seed: int = 0) -> tuple[list[int], li
     Returns:
         ``(train_index, val_index)``: ascending question indices into ``load_split("train")``.
     """
-    data = load_split("train")
-    if not 0 <= val_images < data.num_images:
-        raise ValueError(f"val_images must be in [0, {data.num_images}), got {val_images}")
-    held_out = set(random.Random(seed).sample(range(data.num_images), val_images))
-    train_index = [i for i, img in enumerate(data.image_ids) if img not in held_out]
-    val_index = [i for i, img in enumerate(data.image_ids) if img in held_out]
+    return hold_out_images(load_split("train"), val_images, seed)
+
+
+def hold_out_images(split, val_images: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(train_index, val_index)`` of any split with ``num_images`` and ``image_ids`` (the easy-VQA
+    and the scenes tasks): the questions of ``val_images`` whole images drawn with
+    ``random.Random(seed)`` go to validation."""
+    if not 0 <= val_images < split.num_images:
+        raise ValueError(f"val_images must be in [0, {split.num_images}), got {val_images}")
+    held_out = set(random.Random(seed).sample(range(split.num_images), val_images))
+    train_index = [i for i, img in enumerate(split.image_ids) if img not in held_out]
+    val_index = [i for i, img in enumerate(split.image_ids) if img in held_out]
     return train_index, val_index
 
 

@@ -450,13 +450,7 @@ def train_val_split(val_images: int = 500, seed: int = 0) -> tuple[list[int], li
     Returns:
         ``(train_index, val_index)``: ascending question indices into ``load_split("train")``.
     """
-    split = load_split("train")
-    if not 0 <= val_images < split.num_images:
-        raise ValueError(f"val_images must be in [0, {split.num_images}), got {val_images}")
-    held_out = set(random.Random(seed).sample(range(split.num_images), val_images))
-    train_index = [i for i, img in enumerate(split.image_ids) if img not in held_out]
-    val_index = [i for i, img in enumerate(split.image_ids) if img in held_out]
-    return train_index, val_index
+    return data.hold_out_images(load_split("train"), val_images, seed)
 
 
 def fixed_test_subset(n: int = 200, seed: int = 0) -> list[int]:
