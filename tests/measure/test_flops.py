@@ -125,8 +125,11 @@ def test_scorer_costs_by_hand():
     assert with_backward.scorer_flops_paper == 3 * 557_056  # f(16) forward + 2 x f(16) backward
     assert with_backward.scorer_flops_true == fast.scorer_flops_true  # the factor is paper-only
     fastv = account(cfg, {"stages": [{"layer": 1, "keep": 4, "scorer": "fastv", "selector": "topk"}]}, 16, 10)
-    # keys of the 26 tokens of layer 0, one query, its 26 scores
-    assert fastv.scorer_flops_true == 2 * 26 * 64 * 64 + 2 * 64 * 64 + 2 * 26 * 64
+    # one query and its 26 scores; the keys of layer 0 come from the KV cache
+    assert fastv.scorer_flops_true == 2 * 64 * 64 + 2 * 26 * 64
+    own = {"name": "fastv", "layer_offset": 0}  # the cut layer's own keys are recomputed
+    fastv0 = account(cfg, {"stages": [{"layer": 1, "keep": 4, "scorer": own, "selector": "topk"}]}, 16, 10)
+    assert fastv0.scorer_flops_true == 2 * 26 * 64 * 64 + 2 * 64 * 64 + 2 * 26 * 64
     assert fastv.scorer_flops_paper == 16 * 64 * 64 + 16 * 64
     keep_all = account(cfg, {"stages": [{"layer": 1, "keep": 16, "scorer": "pio", "selector": "topk"}]}, 16, 10)
     assert keep_all.scorer_flops_true == 0 and not keep_all.stages[0].scored  # nothing removed: no scoring

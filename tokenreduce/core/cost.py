@@ -61,12 +61,20 @@ def layer_flops_paper(n: int, hidden: int, intermediate: int) -> int:
     return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
 
 
-def attention_row_flops(s: int, queries: int, dims: TextDims) -> int:
-    """True FLOPs of recomputing ``queries`` attention rows over ``s`` keys at one layer
-    (:meth:`~tokenreduce.core.types.SignalSource.attention_rows`): keys ``2*s*d*kv``, queries
-    ``2*Q*d*q``, scores ``2*Q*s*q``."""
-    d, q, kv = dims.hidden, dims.q_width, dims.kv_width
-    return 2 * s * d * kv + 2 * queries * d * q + 2 * queries * s * q
+def key_flops(s: int, dims: TextDims, layer_offset: int) -> int:
+    """True FLOPs of the keys of ``s`` tokens a signal reads at ``layer_offset`` from the cut:
+    ``2*s*d*kv`` when they are recomputed, 0 for layer K-1 (``layer_offset=-1``), whose keys the
+    signals read from the prefill's KV cache (``generate()``, or any forward with
+    ``use_cache=True``; a forward without a cache recomputes them)."""
+    return 0 if layer_offset == -1 else 2 * s * dims.hidden * dims.kv_width
+
+
+def attention_row_flops(s: int, queries: int, dims: TextDims, layer_offset: int = 0) -> int:
+    """True FLOPs of ``queries`` attention rows over ``s`` keys at one layer
+    (:meth:`~tokenreduce.core.types.SignalSource.attention_rows`): keys (:func:`key_flops`),
+    queries ``2*Q*d*q``, scores ``2*Q*s*q``."""
+    d, q = dims.hidden, dims.q_width
+    return key_flops(s, dims, layer_offset) + 2 * queries * d * q + 2 * queries * s * q
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from tokenreduce.core.cost import Cost, StageCostInput
+from tokenreduce.core.cost import Cost, StageCostInput, key_flops
 from tokenreduce.core.strategy import Selector
 from tokenreduce.core.types import Need, Selection, TokenView
 
@@ -91,12 +91,17 @@ class DARTSelector(Selector):
         return None
 
     def cost(self, c: StageCostInput) -> Cost:
-        """The keys of the ``S`` tokens of the layer it reads; its cosine similarities are
-        element-wise products, not counted."""
+        """The keys of the ``S`` tokens of the layer it reads (none for layer K-1, read from the KV
+        cache: :func:`~tokenreduce.core.cost.key_flops`); its cosine similarities are element-wise
+        products, not counted."""
         s, nv = c.tokens_at(self.layer_offset)
         d = c.dims.hidden
-        note = f"dart: keys of the S={s} tokens of layer {c.layer + self.layer_offset} (cosine similarities: element-wise, not counted)"
-        return Cost(2 * s * d * c.dims.kv_width, float(nv * d * d), note)
+        where = "read from the KV cache" if self.layer_offset == -1 else "recomputed"
+        note = (
+            f"dart: keys of the S={s} tokens of layer {c.layer + self.layer_offset}, {where} "
+            "(cosine similarities: element-wise, not counted)"
+        )
+        return Cost(key_flops(s, c.dims, self.layer_offset), float(nv * d * d), note)
 
     @torch.no_grad()
     def select(self, view: TokenView, scores: Tensor | None, keep: Tensor) -> Selection:

@@ -61,9 +61,12 @@ class FastVScorer(Scorer):
         return scores.float().masked_fill(~view.visual_valid, 0.0)
 
     def cost(self, c: StageCostInput) -> Cost:
-        """True: keys of the ``S`` tokens the layer reads, one query and its scores; paper:
-        ``N*d^2 + N*d`` (keys of the ``N`` visual tokens and one row of scores)."""
+        """True: one query and its scores over the ``S`` tokens the layer reads, plus their keys
+        unless they come from the KV cache (``layer_offset=-1``); paper: ``N*d^2 + N*d`` (keys of
+        the ``N`` visual tokens and one row of scores)."""
         s, nv = c.tokens_at(self.layer_offset)
         d = c.dims.hidden
         note = f"{c.name}: attention row of the last token at layer {c.layer + self.layer_offset} over S={s} keys"
-        return Cost(attention_row_flops(s, 1, c.dims), float(nv * d * d + nv * d), note)
+        if self.layer_offset == -1:
+            note += " (keys from the KV cache)"
+        return Cost(attention_row_flops(s, 1, c.dims, self.layer_offset), float(nv * d * d + nv * d), note)
