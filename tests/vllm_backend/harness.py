@@ -9,12 +9,26 @@ transformers); the tests read it from ``$TOKENREDUCE_VLLM_REFERENCE`` or compute
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
 MODEL = "easyvqa-llava"
+#: questions compared per plan (``TOKENREDUCE_VLLM_QUESTIONS``)
+QUESTIONS = int(os.environ.get("TOKENREDUCE_VLLM_QUESTIONS", "24"))
 QWEN = "easyvqa-qwen2_5_vl"
 STEPS = 4
+
+
+def vllm_missing() -> str:
+    """Why vLLM cannot be used here ("" when it can): the tests' skip reason."""
+    try:
+        from vllm import LLM  # noqa: F401
+    except Exception as exc:  # not installed, or a build that cannot load here
+        return f"vLLM is not importable ({type(exc).__name__}); build its environment: bash scripts/vllm_env.sh --test"
+    return ""
+
+
 #: the plans compared (vanilla = no plan); each encoder-side, under both position policies
 PLANS = {
     "vanilla": None,

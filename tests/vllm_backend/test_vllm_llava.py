@@ -10,18 +10,9 @@ import os
 import harness as h
 import pytest
 
-
-def _vllm_missing() -> str:
-    try:
-        from vllm import LLM  # noqa: F401
-    except Exception as exc:  # not installed, or a build that cannot load here
-        return f"vLLM is not importable ({type(exc).__name__}); build its environment: bash scripts/vllm_env.sh --test"
-    return ""
-
-
-MISSING = _vllm_missing()
+MISSING = h.vllm_missing()
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(bool(MISSING), reason=MISSING)]
-N = int(os.environ.get("TOKENREDUCE_VLLM_QUESTIONS", "24"))
+N = h.QUESTIONS
 CASES = h.cases(h.MODEL)
 
 
