@@ -328,8 +328,11 @@ def make_questions(scene: Scene, rng: random.Random, k: int = QUESTIONS_PER_IMAG
                 raise ValueError(f"scene has only {len(chosen)} distinct questions, {k} requested")
         if not pool:
             continue
-        fresh = [q for q in pool if not set(q.objects[:1]) & asked]
-        q = rng.choice(fresh or pool)
+        fresh = [q for q in pool if not set(q.objects[:1]) & asked] or pool
+        if typ == "count":  # most colours and shapes occur once: draw the answer first, so "1" is not a prior
+            answer = rng.choice(sorted({q.answer for q in fresh}))
+            fresh = [q for q in fresh if q.answer == answer]
+        q = rng.choice(fresh)
         chosen.append(q)
         texts.add(q.text)
         asked.update(q.objects[:1])
