@@ -1,10 +1,17 @@
 """Evaluation tasks and the evaluation driver: vanilla first, then each plan, same inputs.
 
-Task: **easy-VQA** (the ``easy_vqa`` package: 64x64 pictures of one coloured shape; 4,000 train
-/ 1,000 test images, 38,575 / 9,673 questions, 13 one-word answers: shapes, colours, yes/no).
+Tasks:
+
+- **easy-VQA** (``easy_vqa``; the ``easy_vqa`` package: 64x64 pictures of one coloured shape;
+  4,000 train / 1,000 test images, 38,575 / 9,673 questions, 13 one-word answers: shapes,
+  colours, yes/no);
+- **scenes** (``scenes``; :mod:`tokenreduce.reference.scenes`: generated 96x96 cluttered scenes of
+  3 to 6 objects, 6,000 test questions of six types, rendered on the fly), whose questions carry
+  their type, so the table also has the accuracy per question type.
+
 The evaluated subset is fixed and documented: the question indices of the split are shuffled
 with ``random.Random(seed).shuffle`` and the first ``n`` are taken (``seed`` 0 and ``n`` from
-``conf/task/easy_vqa.yaml`` unless overridden), so every run, plan and machine sees the same
+``conf/task/<name>.yaml`` unless overridden), so every run, plan and machine sees the same
 questions in the same order.
 
 The driver (:func:`evaluate`) generates greedily in batches (left padding) with vanilla first,
@@ -15,6 +22,12 @@ against vanilla, FLOPs in both conventions and KV-cache bytes from the accountin
 trace's actual per-sample counts (:func:`tokenreduce.measure.flops.account`; KV bytes at the
 model's dtype, e.g. 4 bytes per element in fp32), the layer average of visual tokens, and wall
 time.
+
+Noise levels (:func:`bootstrap_noise`): per configuration a 95% percentile-bootstrap interval of
+the accuracy, and per plan the paired difference to vanilla (its paired bootstrap interval and
+the questions right only under the plan or only under vanilla). The :data:`BOOTSTRAP_RESAMPLES`
+resamples of the questions are drawn with a fixed seed and shared by every configuration, so the
+intervals are a function of the per-question correctness alone: a sharded run gets the same ones.
 
 The driver works in two steps: :func:`measure` generates and keeps one record per question and
 configuration (:class:`EvalRecords`: answer, correctness, agreement and KL against vanilla, kept
@@ -59,12 +72,21 @@ __all__ = [
     "EvalResult",
     "SAMPLE_KEYS",
     "batch_count",
+    "bootstrap_noise",
+    "BOOTSTRAP_RESAMPLES",
+    "BOOTSTRAP_SEED",
     "evaluate",
     "measure",
     "summarize",
 ]
 
 VANILLA = "vanilla"
+#: resamples of the questions behind every bootstrap interval of the evaluation
+BOOTSTRAP_RESAMPLES = 1000
+#: seed of the resampling (``torch.Generator().manual_seed``): fixed, so the intervals are reproducible
+BOOTSTRAP_SEED = 0
+#: two-sided level of the bootstrap intervals
+BOOTSTRAP_LEVEL = 0.95
 
 
 class TaskSettings(BaseModel):
@@ -72,7 +94,11 @@ class TaskSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Literal["easy_vqa"] = "easy_vqa"
+    name: Literal["easy_vqa", "scenes"] = Field(
+        default="easy_vqa",
+        description="the task: easy_vqa (the easy-vqa package) or scenes (generated cluttered scenes, "
+        "tokenreduce.reference.scenes; accuracy per question type too)",
+    )
     split: Literal["train", "test"] = "test"
     n: int = Field(default=64, ge=1, description="questions: the first n after a fixed shuffle of the split")
     seed: int = Field(default=0, description="seed of the fixed shuffle (random.Random(seed).shuffle)")
@@ -141,25 +167,67 @@ class EvalSettings(BaseModel):
 
 @dataclass
 class Example:
-    """One question: ``index`` in the split's question list, the image file and the gold answer."""
+    """One question: ``index`` in the split's question list, its image (a file, or a generated
+    scene rendered on demand) and the gold answer.
+
+    Attributes:
+        image_path: the image file (easy-VQA); ``None`` when the image is drawn from ``scene``.
+        scene: the generated scene (:class:`tokenreduce.reference.scenes.Scene`, small and
+            picklable) of a scenes question; ``None`` for a task with image files.
+        qtype: the question type (scenes: one of
+            :data:`tokenreduce.reference.scenes.QUESTION_TYPES`); ``None`` when the task has none.
+    """
 
     index: int
     question: str
     answer: str
     image_id: int
-    image_path: str
+    image_path: str | None
+    scene: Any = None
+    qtype: str | None = None
 
     def image(self):
-        """The picture as an RGB ``PIL.Image``."""
+        """The picture as an RGB ``PIL.Image`` (a scene is rendered on each call)."""
+        if self.scene is not None:
+            from tokenreduce.reference import scenes
+
+            return scenes.render(self.scene)
+        if self.image_path is None:
+            raise TokenReduceError(f"question {self.index} has neither an image file nor a scene")
         from PIL import Image
 
         with Image.open(self.image_path) as im:
             return im.convert("RGB")
 
 
+def _fixed_order(total: int, settings: TaskSettings, task: str) -> list[int]:
+    """The first ``settings.n`` of ``range(total)`` after ``random.Random(settings.seed).shuffle``."""
+    if settings.n > total:
+        raise TokenReduceError(f"task.n={settings.n} exceeds the {total} questions of {task}'s {settings.split} split")
+    order = list(range(total))
+    random.Random(settings.seed).shuffle(order)
+    return order[: settings.n]
+
+
 def load_task(settings: TaskSettings | Mapping[str, Any]) -> list[Example]:
     """The fixed subset of a task (see the module docstring)."""
     settings = settings if isinstance(settings, TaskSettings) else TaskSettings.model_validate(dict(settings))
+    if settings.name == "scenes":
+        from tokenreduce.reference import scenes
+
+        split = scenes.load_split(settings.split)
+        return [
+            Example(
+                i,
+                split.questions[i],
+                split.answers[i],
+                split.image_ids[i],
+                None,
+                scene=split.scenes[split.image_ids[i]],
+                qtype=split.types[i],
+            )
+            for i in _fixed_order(len(split), settings, "scenes")
+        ]
     try:
         import easy_vqa
     except ImportError:  # pragma: no cover - a declared dependency
@@ -170,13 +238,8 @@ def load_task(settings: TaskSettings | Mapping[str, Any]) -> list[Example]:
     else:
         texts, answers, image_ids = easy_vqa.get_train_questions()
         paths = easy_vqa.get_train_image_paths()
-    if settings.n > len(texts):
-        raise TokenReduceError(
-            f"task.n={settings.n} exceeds the {len(texts)} questions of easy_vqa's {settings.split} split"
-        )
-    order = list(range(len(texts)))
-    random.Random(settings.seed).shuffle(order)
-    return [Example(i, texts[i], answers[i], image_ids[i], paths[image_ids[i]]) for i in order[: settings.n]]
+    order = _fixed_order(len(texts), settings, "easy_vqa")
+    return [Example(i, texts[i], answers[i], image_ids[i], paths[image_ids[i]]) for i in order]
 
 
 def format_prompt(template: str, question: str, question_format: str = "{question}") -> str:
@@ -253,7 +316,9 @@ class EvalRecords:
 
     A record has the keys of :data:`SAMPLE_KEYS` plus ``exact_match`` (whole answer equal to
     vanilla's), ``text_tokens``, ``flops_true``, ``flops_paper``, ``kv_bytes`` (``None`` when the
-    accounting is unavailable) and ``clamped_stages`` (stages whose keep count was clamped).
+    accounting is unavailable), ``clamped_stages`` (stages whose keep count was clamped) and
+    ``qtype`` (the question type, ``None`` when the task has none; records of older shard files
+    may lack it, which reads as ``None``).
 
     Attributes:
         n_examples: the size of the evaluated subset (``task.n``), whatever part of it is here.
@@ -349,7 +414,8 @@ class EvalResult:
     ``answer`` (gold), ``prediction``, ``correct``, ``first_token_agree`` (with vanilla),
     ``first_token_kl`` (KL(vanilla || this configuration) of the first token, nats),
     ``stage_layers`` and ``kept_per_stage`` (the cut layer and the visual tokens kept by each
-    stage; empty for vanilla), ``visual_tokens`` (before any cut) and ``layer_average``.
+    stage; empty for vanilla), ``visual_tokens`` (before any cut) and ``layer_average``, plus
+    ``qtype`` (the question type) when the task's questions have types.
     """
 
     task: dict[str, Any]
@@ -397,16 +463,34 @@ class EvalResult:
         ("s", "seconds", "{:.2f}"),
     )
 
-    def _rows(self) -> tuple[list[str], list[list[str]]]:
+    #: the noise columns of results.md, inserted before the last column (time)
+    _NOISE_COLUMNS = ("±", "Δ acc [95%]", "only plan/vanilla right")
+
+    def _rows(self, noise: bool = False) -> tuple[list[str], list[list[str]]]:
+        """Header and rows of :attr:`_COLUMNS`; with ``noise`` (and intervals in every configuration's
+        metrics) the :attr:`_NOISE_COLUMNS` before the time column: the half-width of the accuracy's
+        interval, the paired difference to vanilla with its interval, and the questions right only
+        under the plan / only under vanilla."""
         from .latency import format_si
 
         header = [c[0] for c in self._COLUMNS]
+        noise = noise and bool(self.metrics) and all("accuracy_ci" in m for m in self.metrics)
+        if noise:
+            header[-1:-1] = self._NOISE_COLUMNS
         rows = []
         for m in self.metrics:
             row = []
             for _, key, fmt in self._COLUMNS:
                 value = m.get(key)
                 row.append("-" if value is None else format_si(value) if fmt == "si" else fmt.format(value))
+            if noise:
+                lo, hi = m["accuracy_ci"]
+                cells = [f"{(hi - lo) / 2:.3f}", "-", "-"]
+                if "accuracy_diff" in m:
+                    d_lo, d_hi = m["accuracy_diff_ci"]
+                    cells[1] = f"{m['accuracy_diff']:+.3f} [{d_lo:+.3f}, {d_hi:+.3f}]"
+                    cells[2] = f"{m['only_plan_correct']}/{m['only_vanilla_correct']}"
+                row[-1:-1] = cells
             rows.append(row)
         return header, rows
 
@@ -416,17 +500,46 @@ class EvalResult:
         header, rows = self._rows()
         return format_table(rows, header)
 
+    def _type_rows(self) -> tuple[list[str], list[list[str]]] | None:
+        """The accuracy-by-question-type table, or ``None`` when the questions have no types."""
+        typed = [m for m in self.metrics if m.get("accuracy_by_type")]
+        if not typed:
+            return None
+        types = list(typed[0]["accuracy_by_type"])
+        header = ["config", *(f"{t} (n={typed[0]['accuracy_by_type'][t]['n']})" for t in types)]
+        rows = []
+        for m in typed:
+            by_type = m["accuracy_by_type"]
+            rows.append([m["name"], *(f"{by_type[t]['accuracy']:.3f}" if t in by_type else "-" for t in types)])
+        return header, rows
+
     def markdown(self, about: str | None = None) -> str:
-        """The table in Markdown under a title; ``about``: a line under the title (model, machine)."""
-        header, rows = self._rows()
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        """The table in Markdown under a title; ``about``: a line under the title (model, machine).
+        The table has the noise columns (:meth:`_rows`) when the metrics have intervals, and a
+        second table under it has the accuracy per question type when the questions have types."""
+
+        def block(header: list[str], rows: list[list[str]]) -> str:
+            lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+            return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+        header, rows = self._rows(noise=True)
+        body = block(header, rows)
+        if self._NOISE_COLUMNS[0] in header:
+            body += (
+                f"\n\n±: half-width of the {BOOTSTRAP_LEVEL:.0%} bootstrap interval of the accuracy "
+                f"({BOOTSTRAP_RESAMPLES} resamples of the questions, seed {BOOTSTRAP_SEED}). Δ acc: accuracy minus "
+                "vanilla's, with its paired bootstrap interval (the same resamples). only plan/vanilla right: "
+                "questions answered right under the plan but not vanilla / under vanilla but not the plan."
+            )
+        typed = self._type_rows()
+        if typed is not None:
+            body += "\n\nAccuracy by question type:\n\n" + block(*typed)
         task = self.task
         head = f"# Evaluation: {task.get('name')} ({task.get('split')}, {task.get('n')} questions, seed {task.get('seed')})\n\n"
         if about:
             head += about + "\n\n"
         notes = "".join(f"\n- {n}" for n in self.notes)
-        return head + "\n".join(lines) + ("\n\nNotes:" + notes if notes else "") + "\n"
+        return head + body + ("\n\nNotes:" + notes if notes else "") + "\n"
 
 
 class _Accountant:
@@ -598,7 +711,10 @@ def evaluate(
         an :class:`EvalResult` whose ``metrics`` has one dict per configuration with keys
         ``name, accuracy, retention, first_token_agreement, exact_match, first_token_kl,
         flops_true, flops_paper, tflops_true, tflops_paper, kv_bytes, kv_mib, layer_average,
-        seconds, ms_per_example, select_seconds, flop_ratio``.
+        seconds, ms_per_example, select_seconds, flop_ratio``, the noise levels of
+        :func:`bootstrap_noise` (``accuracy_ci``; for plans ``accuracy_diff``, ``accuracy_diff_ci``,
+        ``only_plan_correct``, ``only_vanilla_correct``) and, when the questions have types,
+        ``accuracy_by_type``.
     """
     settings = settings or EvalSettings()
     records = measure(
@@ -714,6 +830,7 @@ def _records(examples: list[Example], base: PlanOutputs, run: PlanOutputs) -> li
                 "flops_paper": accounting.get("flops_paper"),
                 "kv_bytes": accounting.get("kv_bytes"),
                 "clamped_stages": run.clamped[j],
+                "qtype": ex.qtype,
             }
         )
     return records
@@ -721,6 +838,95 @@ def _records(examples: list[Example], base: PlanOutputs, run: PlanOutputs) -> li
 
 def _share(flags: list[bool]) -> float:
     return sum(flags) / len(flags)
+
+
+def _percentile_interval(values: torch.Tensor, level: float = BOOTSTRAP_LEVEL) -> torch.Tensor:
+    """``[K, 2]``: per row of ``values`` (``[K, B]`` bootstrap estimates) the percentile interval of
+    ``level``: the order statistics ``floor(a (B - 1))`` and ``ceil((1 - a) (B - 1))`` with
+    ``a = (1 - level) / 2`` (no interpolation, so the ends are estimates that occurred)."""
+    ordered = values.sort(dim=1).values
+    last = values.shape[1] - 1
+    tail = (1.0 - level) / 2
+    lo, hi = math.floor(tail * last + 1e-9), math.ceil((1.0 - tail) * last - 1e-9)
+    return torch.stack([ordered[:, lo], ordered[:, hi]], dim=1)
+
+
+def bootstrap_noise(
+    correct: Mapping[str, list[bool]],
+    base: str = VANILLA,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    level: float = BOOTSTRAP_LEVEL,
+) -> dict[str, dict[str, Any]]:
+    """Noise levels of the accuracies of several configurations on the same questions.
+
+    The questions are resampled with replacement ``resamples`` times (``torch.randint`` with a
+    generator seeded with ``seed``; the same resamples for every configuration, which makes the
+    differences paired), each resample's accuracy is computed for every configuration at once (a
+    ``[resamples, n] @ [n, K]`` product of counts, exact in float64), and the intervals are the
+    percentile intervals of ``level`` (:func:`_percentile_interval`).
+
+    Args:
+        correct: configuration name -> per-question correctness, every list in the same question order.
+        base: the configuration the others are compared with (vanilla).
+
+    Returns:
+        name -> ``accuracy_ci`` (``[low, high]``) and, for every name but ``base``,
+        ``accuracy_diff`` (accuracy minus ``base``'s), ``accuracy_diff_ci`` (its paired interval),
+        ``only_plan_correct`` and ``only_vanilla_correct`` (questions right under this
+        configuration but not ``base``, and the reverse).
+
+    Raises:
+        TokenReduceError: no questions, lists of different lengths, ``base`` missing, ``resamples``
+            below 1 or ``level`` outside (0, 1).
+    """
+    names = list(correct)
+    if base not in correct:
+        raise TokenReduceError(f"bootstrap_noise: the base configuration {base!r} is not among {names}")
+    n = len(correct[base])
+    if n == 0 or any(len(correct[name]) != n for name in names):
+        lengths = {name: len(correct[name]) for name in names}
+        raise TokenReduceError(f"bootstrap_noise: every configuration needs the same n >= 1 questions, got {lengths}")
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise TokenReduceError(
+            f"bootstrap_noise: resamples={resamples} must be >= 1 and level={level} strictly between 0 and 1"
+        )
+    flags = torch.tensor([[bool(c) for c in correct[name]] for name in names], dtype=torch.float64)  # [K, n]
+    generator = torch.Generator().manual_seed(seed)
+    drawn = torch.randint(n, (resamples, n), generator=generator)
+    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
+        1, drawn, torch.ones(resamples, n, dtype=torch.float64)
+    )
+    boot = (counts @ flags.T).T / n  # [K, B]: every resample's accuracy of every configuration
+    acc_ci = _percentile_interval(boot, level)
+    b = names.index(base)
+    diff_ci = _percentile_interval((counts @ (flags - flags[b]).T).T / n, level)  # exact: counts of -1, 0, 1
+    out: dict[str, dict[str, Any]] = {}
+    for k, name in enumerate(names):
+        entry: dict[str, Any] = {"accuracy_ci": acc_ci[k].tolist()}
+        if name != base:
+            plan, vanilla = flags[k].bool(), flags[b].bool()
+            entry["accuracy_diff"] = (int(plan.sum()) - int(vanilla.sum())) / n
+            entry["accuracy_diff_ci"] = diff_ci[k].tolist()
+            entry["only_plan_correct"] = int((plan & ~vanilla).sum())
+            entry["only_vanilla_correct"] = int((vanilla & ~plan).sum())
+        out[name] = entry
+    return out
+
+
+def _accuracy_by_type(records: list[dict[str, Any]]) -> dict[str, dict[str, float | int]] | None:
+    """Question type -> ``{"accuracy", "n"}`` (types sorted by name), or ``None`` when the
+    questions carry no type (the format of :func:`tokenreduce.reference.scenes.accuracy_by_type`)."""
+    tally: dict[str, list[int]] = {}
+    for r in records:
+        qtype = r.get("qtype")
+        if qtype is not None:
+            t = tally.setdefault(qtype, [0, 0])
+            t[0] += int(bool(r["correct"]))
+            t[1] += 1
+    if not tally:
+        return None
+    return {typ: {"accuracy": tally[typ][0] / tally[typ][1], "n": tally[typ][1]} for typ in sorted(tally)}
 
 
 def summarize(
@@ -736,6 +942,7 @@ def summarize(
             raise TokenReduceError(f"summarize: configuration {name!r} does not have one record per question")
     notes = list(records.notes)
     base_acc = _share([r["correct"] for r in records.records[VANILLA]])
+    noise = bootstrap_noise({name: [r["correct"] for r in records.records[name]] for name in records.names})
     metrics = []
     for name in records.names:
         recs = records.records[name]
@@ -769,8 +976,12 @@ def summarize(
                 "select_seconds": records.select_seconds[name],
                 "clamped_samples": sum(c > 0 for c in clamped),
                 "clamped_stages": sum(clamped),
+                **noise[name],
             }
         )
+        by_type = _accuracy_by_type(recs)
+        if by_type is not None:
+            metrics[-1]["accuracy_by_type"] = by_type
     vanilla_flops = metrics[0]["flops_true"]
     for m in metrics:
         m["flop_ratio"] = vanilla_flops / m["flops_true"] if vanilla_flops and m["flops_true"] else None
@@ -794,8 +1005,14 @@ def summarize(
             row["answers"] = {name: records.records[name][i]["prediction"] for name in records.names}
         per_example.append(row)
     samples = (
-        {name: [{k: r[k] for k in SAMPLE_KEYS} for r in records.records[name]] for name in records.names}
-        if settings.log_samples
-        else {}
+        {name: [_sample(r) for r in records.records[name]] for name in records.names} if settings.log_samples else {}
     )
     return EvalResult(task=dict(task_info or {}), metrics=metrics, examples=per_example, notes=notes, samples=samples)
+
+
+def _sample(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The per-sample log line of a record: :data:`SAMPLE_KEYS`, plus ``qtype`` when the question has a type."""
+    sample = {k: record[k] for k in SAMPLE_KEYS}
+    if record.get("qtype") is not None:
+        sample["qtype"] = record["qtype"]
+    return sample
