@@ -25,6 +25,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tokenreduce.core.registry import get_registry
+
 from .encoder import PLAN_KEY, compile_encoder_plan, plan_json
 
 __all__ = ["ARCHITECTURES", "PLAN_KEY", "engine_overrides", "register"]
@@ -74,16 +76,15 @@ def engine_overrides(model: str | Path | dict, plan: Any = None) -> dict[str, An
         "architectures": [_BASE_ARCH[model_type]],
         PLAN_KEY: json.loads(spec) if spec else None,
     }
-    if model_type == "qwen2_5_vl":
-        from tokenreduce.adapters.qwen2_5_vl.adapter import Qwen2_5_VLAdapter
-
-        compile_encoder_plan(spec, int(text["num_hidden_layers"]), Qwen2_5_VLAdapter)  # refuse here
+    adapter = get_registry().adapter_for(model_type)
+    assert adapter is not None  # every model type with a reduced class has a transformers adapter
+    compile_encoder_plan(spec, int(text["num_hidden_layers"]), adapter.cls)  # refuse what vLLM cannot run, here
+    rope = dict(text.get("rope_parameters") or {"rope_type": "default", "rope_theta": text.get("rope_theta", 10000.0)})
+    if "mrope_section" in rope:  # M-RoPE of its own (Qwen2.5-VL): the `keep` layout needs nothing more
         return overrides
     head_dim = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
-    rope = dict(text.get("rope_parameters") or {"rope_type": "default", "rope_theta": text.get("rope_theta", 10000.0)})
     rope["mrope_section"] = [head_dim // 2, 0, 0]
     rope.setdefault("mrope_interleaved", False)
-    compile_encoder_plan(spec, int(text["num_hidden_layers"]))  # refuse what vLLM cannot run, here
     return {**overrides, "text_config": {"rope_parameters": rope}}
 
 
