@@ -15,6 +15,7 @@ from tools.reference.train import (
     TINY_TRAIN,
     TrainSettings,
     _pool_cells,
+    _token_tags,
     main,
     train,
 )
@@ -86,3 +87,44 @@ def test_command_line_task_scenes_uses_the_presets(tmp_path, capsys):
     saved = json.loads((tmp_path / "model" / "metrics.json").read_text())
     assert saved["train"]["task"] == "scenes" and saved["train"]["hflip"] is False
     assert saved["arch"]["image_size"] == TINY_SCENES_ARCH["image_size"] and saved["name"] == "scenes-tiny"
+
+
+def test_token_tags_label_each_patch_with_the_object_covering_it_and_its_grid_cell():
+    split = scenes.load_split("train")
+
+    class Encoded:  # the one attribute _token_tags reads
+        by_image = {img: [img] for img in range(20)}
+
+    side = 24
+    tags = _token_tags(split, Encoded, side)
+    patch = scenes.IMAGE_SIZE / side
+    for img, t in tags.items():
+        assert t.shape == (side * side, 5)
+        grid = t.view(side, side, 5)
+        for o in split.scenes[img].objects:
+            left, top, right, bottom = o.box()
+            # the patch under the object's centre carries its shape, colour and size unless a later
+            # object covers that patch too
+            r, c = int(o.y * scenes.IMAGE_SIZE // patch), int(o.x * scenes.IMAGE_SIZE // patch)
+            covered_later = any(
+                later.box()[0] <= (c + 0.5) * patch < later.box()[2]
+                and later.box()[1] <= (r + 0.5) * patch < later.box()[3]
+                for later in split.scenes[img].objects[split.scenes[img].objects.index(o) + 1 :]
+            )
+            if not covered_later:
+                assert grid[r, c, :3].tolist() == [
+                    1 + scenes.SCENE_SHAPES.index(o.shape),
+                    1 + list(scenes.SCENE_COLORS).index(o.color),
+                    1 + scenes.SIZES.index(o.size),
+                ]
+        assert int((grid[..., 0] == 0).sum()) > 0  # background patches: "none"
+        assert (
+            grid[0, 0, 3:].tolist() == [0, 0]
+            and grid[-1, -1, 3:].tolist() == [2, 2]
+            and grid[8, 16, 3:].tolist() == [1, 2]
+        )
+
+
+def test_per_token_stage_1_is_refused_outside_the_scenes_task():
+    with pytest.raises(ValueError, match="vision_pretrain_tokens"):
+        TrainSettings(vision_pretrain_tokens=True)

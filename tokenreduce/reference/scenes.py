@@ -113,8 +113,11 @@ CELL_NAMES: dict[tuple[int, int], str] = {
 }
 QUESTION_TYPES = ("attribute_at", "attribute_of", "attribute_next_to", "count", "exists", "relation")
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds"}
-# object radius as a fraction of the image side, by size; centre jitter inside the cell
-_RADIUS = {"small": (0.045, 0.06), "large": (0.095, 0.12)}
+# object radius as a fraction of the image side, by size; centre jitter inside the cell.  A small
+# object spans about 4 patches of 4 px, a large one about 6-7 (radii 0.045-0.06 / 0.095-0.12 at
+# first: a from-scratch CLIP tower needed about twice the steps to tell their shapes apart,
+# tools/reference/TRAINING.md).
+_RADIUS = {"small": (0.075, 0.09), "large": (0.12, 0.145)}
 _JITTER = 0.06
 _BACKGROUND = (228, 228, 222)
 
