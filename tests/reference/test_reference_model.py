@@ -115,3 +115,18 @@ def test_llava_reference_generates_answer_then_eos_in_left_padded_batches(llava)
         assert new[k, 1] == data.EOS_TOKEN_ID, processor.tokenizer.convert_ids_to_tokens(new[k])
         assert processor.tokenizer.decode(new[k, :1]) in answers
         assert torch.equal(new[k, :2], alone[:2])
+
+
+def test_evaluate_generate_reads_the_scenes_task_and_refuses_an_unknown_one(llava):
+    from tokenreduce.reference import scenes
+
+    model, processor = (
+        llava  # trained on easy-VQA: the scenes accuracy means nothing, the questions must be the scenes'
+    )
+    index = scenes.fixed_test_subset(4, 0)
+    result = evaluate_generate(model, processor, "test", index, batch_size=2, task="scenes")
+    assert result.indices == tuple(index) and result.n == 4
+    answers = scenes.load_split("test").answers
+    assert result.correct == tuple(p == data.normalize_answer(answers[i]) for p, i in zip(result.predictions, index))
+    with pytest.raises(ValueError, match="task must be"):
+        evaluate_generate(model, processor, "test", [0], task="gqa")  # type: ignore[arg-type]

@@ -1,11 +1,12 @@
-"""Accuracy of a VLM on easy-VQA by greedy ``generate()``: exact match of the answer word (the
-accuracy on the reference models' cards, checked by CI).
+"""Accuracy of a VLM on easy-VQA or the generated scenes by greedy ``generate()``: exact match of the
+answer word (the accuracy on the reference models' cards, checked by CI).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel, ProcessorMixin
@@ -62,8 +63,9 @@ def evaluate_generate(
     batch_size: int = 64,
     max_new_tokens: int = 3,
     progress: Callable[[int], None] | None = None,
+    task: Literal["easy_vqa", "scenes"] = "easy_vqa",
 ) -> EvalResult:
-    """Greedy-decode answers to easy-VQA questions and score them by exact match.
+    """Greedy-decode answers to the questions of a reference task and score them by exact match.
 
     Args:
         model: a model of a registered architecture (any size; put it in eval mode first).
@@ -73,14 +75,23 @@ def evaluate_generate(
         batch_size: questions per ``generate()`` call (B); padding is on the left.
         max_new_tokens: tokens to generate; the reference models answer with ``"<word></s>"``.
         progress: optional callback, called with the number of questions done after each batch.
+        task: ``"easy_vqa"`` (:mod:`tokenreduce.reference.data`) or ``"scenes"``
+            (:mod:`tokenreduce.reference.scenes`); the prompt is the same for both.
 
     Returns:
         an :class:`EvalResult`.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if task not in ("easy_vqa", "scenes"):
+        raise ValueError(f"task must be 'easy_vqa' or 'scenes', got {task!r}")
     arch = arch_of(model)
-    split_data = data.load_split(split)
+    if task == "scenes":
+        from tokenreduce.reference import scenes
+
+        split_data: data.EasyVQASplit | scenes.ScenesSplit = scenes.load_split(split)  # type: ignore[arg-type]
+    else:
+        split_data = data.load_split(split)
     index = list(range(len(split_data))) if indices is None else [int(i) for i in indices]
     for i in index:
         if not 0 <= i < len(split_data):
