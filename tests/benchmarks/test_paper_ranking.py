@@ -3,26 +3,13 @@ and the table it prints from a results.json of a reference suite."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from script_modules import load_script
 
-REPO = Path(__file__).resolve().parents[2]
-SCRIPT = REPO / "benchmarks" / "paper_ranking.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("paper_ranking", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-pr = _load()
+pr = load_script("benchmarks/paper_ranking.py")
 
 
 def test_ranks_put_the_largest_first_and_share_ties():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from script_modules import load_script
 
 from tokenreduce.core.plan import build_plan
 from tokenreduce.core.presets import conf_dir, load_preset, preset_names
@@ -21,11 +20,7 @@ GENERIC = {"topk", "nms", "norm"}
 
 
 def _generator():
-    spec = importlib.util.spec_from_file_location("reference_presets", ROOT / "scripts" / "reference_presets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/reference_presets.py")
 
 
 def _suite() -> dict:

@@ -10,15 +10,13 @@ layer receives exactly the visual tokens the schedule says.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import random
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from script_modules import load_script
 
 import tokenreduce
 from tokenreduce.cli.config import SuiteSettings
@@ -34,13 +32,8 @@ SUITE = yaml.safe_load((conf_dir() / "suite" / "scenes.yaml").read_text())
 _CACHE: dict = {}
 
 
-@functools.cache
 def _generator():
-    spec = importlib.util.spec_from_file_location("reference_presets", ROOT / "scripts" / "reference_presets.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/reference_presets.py")
 
 
 def _schedule(name: str) -> list[tuple[int, int]]:
