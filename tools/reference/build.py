@@ -65,6 +65,12 @@ class ArchSettings(BaseModel):
     text_intermediate: int = Field(256, gt=0)
     vocab_size: int = Field(64, gt=len(data.SPECIAL_TOKENS))
     initializer_range: float = Field(0.02, gt=0)
+    rope_theta: float = Field(
+        10000.0,
+        gt=0,
+        description="RoPE base of the LLaVA decoder (Llama's 10,000 by default); a larger base keeps more of a "
+        "small head's rotary pairs slow enough to match content across the 576 visual tokens (TRAINING.md)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ArchSettings:
@@ -82,6 +88,10 @@ class ArchSettings(BaseModel):
         if self.text_heads % self.text_kv_heads:
             raise ValueError(
                 f"text_heads ({self.text_heads}) must be divisible by text_kv_heads ({self.text_kv_heads})"
+            )
+        if self.arch == "qwen2_5_vl" and self.rope_theta != 10000.0:
+            raise ValueError(
+                f"rope_theta ({self.rope_theta}) applies to the LLaVA decoder only; Qwen2.5-VL keeps its M-RoPE base"
             )
         if self.arch == "qwen2_5_vl" and (self.text_hidden // self.text_heads) % 8:
             raise ValueError(
@@ -123,6 +133,7 @@ def _llava_config(s: ArchSettings) -> LlavaConfig:
         eos_token_id=data.EOS_TOKEN_ID,
         initializer_range=s.initializer_range,
         tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta},
     )
     return LlavaConfig(
         vision_config=vision,

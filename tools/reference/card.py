@@ -26,13 +26,31 @@ def _run_lines(m: dict[str, Any]) -> list[str]:
             + ", then ".join(f"`{c}`" for c in own)
         )
         vp = run.get("vision_pretrain")
+        lp = run.get("language_pretrain")
+        if lp:
+            lines.append(
+                f"  - stage 0, language pre-training on symbolic scenes ({lp['steps']} steps of "
+                f"{t['images_per_batch']} images x their questions, peak lr {t['language_pretrain_lr']}): the language "
+                "model answers the training questions with each image replaced by 1-3 patches of every object and of "
+                "every cell's background, each given as the sum of learned embeddings of its labels (shape, colour, "
+                "size, grid row and column) at its position in the real prompt (`tools/reference/symbolic.py`); "
+                f"held-out accuracy on symbolic scenes at the end: {lp['val_accuracy']:.4f}"
+            )
         if vp and t.get("task") == "scenes":
             lines.append(
                 f"  - stage 1, vision pre-training ({t['vision_pretrain_steps']} steps of "
                 f"{t['images_per_batch'] * t['questions_per_image']} images, peak lr {t['vision_pretrain_lr']}): the "
                 "vision tower and projector learn the shape and colour (or emptiness) of each cell of every training "
                 "scene's 3x3 grid from the visual tokens average-pooled over the cell, through linear heads thrown "
-                f"away afterwards; training accuracy at the end (per cell): shape {vp['shape_accuracy']:.3f}, colour "
+                "away afterwards"
+                + (
+                    "; every visual token is also classified by itself (shape, colour, size of the object covering "
+                    "its patch, grid row and column) and, after stage 0, pulled towards its patch's symbol "
+                    "(mean squared distance)"
+                    if lp
+                    else ""
+                )
+                + f"; training accuracy at the end (per cell): shape {vp['shape_accuracy']:.3f}, colour "
                 f"{vp['color_accuracy']:.3f}"
             )
         elif vp:

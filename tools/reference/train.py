@@ -41,6 +41,7 @@ from tokenreduce.reference import data, scenes  # noqa: E402
 from tokenreduce.reference.evaluate import evaluate_generate  # noqa: E402
 from tools.reference.build import ARCHS, ArchSettings, build_model, make_processor, num_visual_tokens  # noqa: E402
 from tools.reference.card import model_card  # noqa: E402
+from tools.reference.symbolic import SceneSymbols, sample_patches, symbolic_batch, symbolic_logits  # noqa: E402
 
 __all__ = [
     "TASKS",
@@ -105,6 +106,21 @@ class TrainSettings(BaseModel):
         "of the object covering its patch, or none; the row and column of its grid cell), so that each token "
         "describes its own patch to the language model",
     )
+    language_pretrain_steps: int = Field(
+        0,
+        ge=0,
+        description="stage 0, --task scenes only: steps of question answering on symbolic scenes (a few labelled "
+        "patches per cell in place of the image, tools/reference/symbolic.py), teaching the decoder to reason "
+        "before it sees pixels; stage 1 then also aligns every visual token with its patch's symbol",
+    )
+    language_pretrain_lr: float = Field(1e-3, gt=0, description="stage 0 peak learning rate")
+    language_pretrain_cells: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="stage 0: fraction of its steps (the first ones) with one symbol per grid cell, before 1-3 "
+        "symbols of every object and every cell's background (a curriculum: sparser scenes are learned faster)",
+    )
     balance_yes_no: bool = Field(
         True,
         description="weight yes/no questions so that yes and no weigh the same within plain and within negated questions",
@@ -144,6 +160,13 @@ class TrainSettings(BaseModel):
             )
         if self.vision_pretrain_tokens and self.task != "scenes":
             raise ValueError("vision_pretrain_tokens: per-token labels exist for --task scenes only")
+        if self.language_pretrain_steps and self.task != "scenes":
+            raise ValueError("language_pretrain_steps: symbolic scenes exist for --task scenes only")
+        if self.language_pretrain_steps and not (self.vision_pretrain_steps and self.vision_pretrain_tokens):
+            raise ValueError(
+                "language_pretrain_steps: stage 1 must align the visual tokens with the symbols "
+                "(--vision-pretrain-steps > 0 and --vision-pretrain-tokens)"
+            )
         return self
 
 
@@ -610,6 +633,7 @@ def pretrain_vision(
     s: TrainSettings,
     bar=None,
     token_tags: dict[int, torch.Tensor] | None = None,
+    symbols: SceneSymbols | None = None,
 ) -> list[dict[str, float]]:
     """Stage 1: train the vision tower and projector to tell each image's shape and colour.
 
@@ -634,6 +658,10 @@ def pretrain_vision(
     at the top left" by matching tokens, which it did not learn from cell-pooled features alone
     (TRAINING.md).
 
+    ``symbols`` (with ``token_tags``; the symbols stage 0 trained the language model on) adds the
+    mean squared distance of every visual token to its patch's symbol, divided by the symbols' mean
+    square, so that the language model receives from the pixels what it learned to reason over.
+
     Returns:
         per-step ``{"step", "loss", "shape_accuracy", "color_accuracy"}`` (over the cells, empty
         ones included), plus ``"object_shape_accuracy"`` (occupied cells only) for the scenes task.
@@ -642,6 +670,8 @@ def pretrain_vision(
     def cells(tag) -> list[_Tag]:
         return list(tag) if tag and isinstance(tag[0], tuple) else [tag]
 
+    if symbols is not None and token_tags is None:
+        raise ValueError("vision pre-training: aligning with symbols needs the per-token labels (token_tags)")
     if s.task == "scenes":
         shapes, colors = (_NONE, *scenes.SCENE_SHAPES), (_NONE, *scenes.SCENE_COLORS)
     else:
@@ -708,6 +738,11 @@ def pretrain_vision(
             loss = (
                 loss + sum(F.cross_entropy(part.flatten(0, 1), y[..., k].flatten()) for k, part in enumerate(parts)) / 5
             )
+            if symbols is not None:
+                with torch.no_grad():
+                    target = symbols(y)  # [B, T, D]
+                align = F.mse_loss(features, target) / target.pow(2).mean()
+                loss = loss + align
         for group in opt.param_groups:
             group["lr"] = learning_rate(step, stage)
         opt.zero_grad(set_to_none=True)
@@ -718,6 +753,8 @@ def pretrain_vision(
             acc_s = float((logits[:, :n_shapes].argmax(-1) == ys)[ys >= 0].float().mean())
             acc_c = float((logits[:, n_shapes:].argmax(-1) == yc)[yc >= 0].float().mean())
         row = {"step": step + 1, "loss": loss.item(), "shape_accuracy": acc_s, "color_accuracy": acc_c}
+        if symbols is not None:
+            row["symbol_mse"] = float(align.detach())
         if s.task == "scenes":
             with torch.no_grad():
                 occupied = ys > 0
@@ -728,6 +765,132 @@ def pretrain_vision(
             bar.set_postfix(
                 loss=f"{loss.item():.3f}", shape=f"{acc_s:.2f}", color=f"{acc_c:.2f}", **shown, refresh=False
             )
+            bar.update(1)
+    model.zero_grad(set_to_none=True)
+    return log
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 0: language pre-training on symbolic scenes (tools/reference/symbolic.py)
+
+
+def _symbolic_forward(
+    model,
+    symbols: SceneSymbols,
+    encoded: _Encoded,
+    token_tags: dict[int, torch.Tensor],
+    units: Sequence[_Unit],
+    generator: torch.Generator,
+    per_cell: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logits [Q, 2, V], targets [Q, 2])`` of the real questions of ``units`` on symbolic scenes
+    (one patch sample per image, shared by its questions; ``per_cell``: :func:`sample_patches`)."""
+    image_token = int(encoded.prefix[-1])
+    head = encoded.prefix[: int((encoded.prefix == image_token).nonzero()[0])]
+    n_visual = int((encoded.prefix == image_token).sum())
+    scenes_in, suffixes, rows = [], [], []
+    for u in units:
+        labels = token_tags[u.image_id]
+        kept = sample_patches(labels, generator, per_cell=per_cell)
+        for r in u.rows[: u.real]:
+            scenes_in.append((labels, kept))
+            suffixes.append(encoded.suffix[r, : int(encoded.lengths[r])])
+            rows.append(r)
+    inputs, mask, positions = symbolic_batch(symbols, model.get_input_embeddings(), head, n_visual, scenes_in, suffixes)
+    logits = symbolic_logits(model, inputs, mask, positions)
+    index = torch.tensor(rows)
+    ids, _, lengths = encoded.batch(index)
+    return logits, _targets(ids, lengths)
+
+
+@torch.no_grad()
+def symbolic_accuracy(
+    model, symbols: SceneSymbols, encoded: _Encoded, token_tags: dict[int, torch.Tensor], s: TrainSettings
+) -> float:
+    """Exact-match accuracy (answer and ``</s>``) on symbolic scenes of ``encoded``'s questions, with
+    a fixed patch sample (seeded by ``s.seed``)."""
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(s.seed * 1_000_003 + 1)
+    units = [_Unit(img, tuple(rows), len(rows)) for img, rows in sorted(encoded.by_image.items())]
+    per_batch = max(1, s.eval_batch_size // s.questions_per_image)
+    right = total = 0
+    for i in range(0, len(units), per_batch):
+        logits, targets = _symbolic_forward(model, symbols, encoded, token_tags, units[i : i + per_batch], g)
+        right += int((logits.argmax(-1) == targets).all(-1).sum())
+        total += len(targets)
+    model.train(was_training)
+    return right / total
+
+
+def pretrain_language(
+    model,
+    symbols: SceneSymbols,
+    encoded: _Encoded,
+    token_tags: dict[int, torch.Tensor],
+    val: tuple[_Encoded, dict[int, torch.Tensor]],
+    s: TrainSettings,
+    bar=None,
+) -> list[dict[str, float]]:
+    """Stage 0 (scenes): train the language model and ``symbols`` to answer the training questions
+    on symbolic scenes (tools/reference/symbolic.py); the vision tower and projector are untouched.
+
+    ``language_pretrain_steps`` steps of ``images_per_batch`` images (the stage-2 batch order) with
+    all their questions, AdamW (the stage-2 groups), warm-up then cosine decay from
+    ``language_pretrain_lr``; the first ``language_pretrain_cells`` of the steps keep one symbol per
+    grid cell, the others 1-3 per object and per cell background; the patch samples are a pure
+    function of ``(seed, step)``. Every
+    ``eval_every`` steps the accuracy on symbolic scenes of the held-out questions ``val`` is logged.
+
+    Returns:
+        per-step ``{"step", "loss", "accuracy"}``, with ``"val_accuracy"`` on evaluated steps.
+    """
+    stage = s.model_copy(
+        update={
+            "steps": s.language_pretrain_steps,
+            "lr": s.language_pretrain_lr,
+            "warmup_steps": min(s.warmup_steps, s.language_pretrain_steps // 10),
+        }
+    )
+    named = [(n, p) for n, p in model.named_parameters() if n.startswith(("model.language_model", "lm_head"))]
+    language = [p for _, p in named]
+    decay = [p for n, p in named if p.dim() >= 2 and "embed" not in n]
+    keep = [p for n, p in named if not (p.dim() >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": s.weight_decay},
+            {"params": keep + list(symbols.parameters()), "weight_decay": 0.0},
+        ],
+        lr=stage.lr,
+        betas=(0.9, 0.98),
+    )
+    log: list[dict[str, float]] = []
+    model.train()
+    for step in range(stage.steps):
+        g = torch.Generator().manual_seed(s.seed * 1_000_003 + 15_485_863 * (step + 1))
+        per_cell = step < round(s.language_pretrain_cells * stage.steps)
+        logits, targets = _symbolic_forward(
+            model, symbols, encoded, token_tags, _step_units(step, encoded, s), g, per_cell
+        )
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        for group in opt.param_groups:
+            group["lr"] = learning_rate(step, stage)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(language + list(symbols.parameters()), s.grad_clip)
+        opt.step()
+        row = {
+            "step": step + 1,
+            "loss": loss.item(),
+            "accuracy": float((logits.argmax(-1) == targets).all(-1).float().mean()),
+        }
+        if (step + 1) % s.eval_every == 0 or step + 1 == stage.steps:
+            row["val_accuracy"] = symbolic_accuracy(model, symbols, val[0], val[1], s)
+            if bar is not None:
+                bar.write(f"stage 0 step {step + 1}: symbolic val acc {row['val_accuracy']:.4f}")
+        log.append(row)
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             bar.update(1)
     model.zero_grad(set_to_none=True)
     return log
@@ -845,8 +1008,37 @@ def train(
     t_wall = time.perf_counter() - wall_seconds
 
     vision_log: list[dict[str, float]] = []
+    language_log: list[dict[str, float]] = []
     if resume:
         vision_log = saved.get("vision_log", [])
+        language_log = saved.get("language_log", [])
+    symbols = None
+    if settings.language_pretrain_steps and not language_log:
+        if arch.arch != "llava":
+            raise ValueError(
+                "language_pretrain_steps: symbolic scenes are laid out for the LLaVA prompt (--arch llava)"
+            )
+        t_stage = time.perf_counter()
+        side = math.isqrt(n_visual)
+        symbols = SceneSymbols(arch.text_hidden, std=arch.initializer_range, seed=settings.seed + 3)
+        lbar = tqdm(
+            total=settings.language_pretrain_steps,
+            desc="stage 0: symbolic scenes",
+            disable=not show_progress,
+            mininterval=2.0,
+            dynamic_ncols=True,
+        )
+        language_log = pretrain_language(
+            model,
+            symbols,
+            train_enc,
+            _token_tags(split, train_enc, side),
+            (val_enc, _token_tags(split, val_enc, side)),
+            settings,
+            lbar,
+        )
+        lbar.close()
+        train_seconds += time.perf_counter() - t_stage
     if settings.vision_pretrain_steps and not vision_log:
         t_stage = time.perf_counter()
         tags = data.image_tags("train", train_index) if settings.task == "easy_vqa" else _cell_tags(split, train_enc)
@@ -860,7 +1052,7 @@ def train(
         token_tags = None
         if settings.vision_pretrain_tokens:
             token_tags = _token_tags(split, train_enc, math.isqrt(n_visual))
-        vision_log = pretrain_vision(model, train_images, tags, settings, vbar, token_tags)
+        vision_log = pretrain_vision(model, train_images, tags, settings, vbar, token_tags, symbols)
         vbar.close()
         train_seconds += time.perf_counter() - t_stage
         last = vision_log[-50:]
@@ -887,6 +1079,7 @@ def train(
                 "evals": evals,
                 "torch_rng": torch.get_rng_state(),
                 "vision_log": vision_log,
+                "language_log": language_log,
             },
         )
 
@@ -904,7 +1097,7 @@ def train(
             f"{' *' if improved else ''} [{train_seconds / 60:.1f} min]"
         )
 
-    if settings.vision_pretrain_steps and step == 0:
+    if (settings.vision_pretrain_steps or settings.language_pretrain_steps) and step == 0:
         checkpoint()
     model.train()
     bar = tqdm(
@@ -983,6 +1176,7 @@ def train(
         commands,
         vision_log,
         earlier,
+        language_log,
     )
     return metrics
 
@@ -1001,6 +1195,7 @@ def export(
     commands: list[str],
     vision_log: list[dict[str, float]] | None = None,
     earlier: dict[str, Any] | None = None,
+    language_log: list[dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Copy the best model to ``out/model``, measure its test accuracy, and write ``metrics.json`` and
     the ``README.md`` model card there.
@@ -1035,6 +1230,8 @@ def export(
     }
     if vision_log:
         metrics["vision_pretrain"] = vision_summary(vision_log)
+    if language_log:
+        metrics["language_pretrain"] = language_summary(language_log)
     if earlier:  # --init-from: the runs this one continues, oldest first
         keep = (
             "commands",
@@ -1042,6 +1239,7 @@ def export(
             "best_step",
             "best_val_accuracy",
             "vision_pretrain",
+            "language_pretrain",
             "train_seconds",
             "wall_seconds",
             "test_accuracy",
@@ -1096,6 +1294,16 @@ def vision_summary(vision_log: list[dict[str, float]], last: int = 50) -> dict[s
         "steps": len(vision_log),
         "shape_accuracy": round(sum(r["shape_accuracy"] for r in tail) / len(tail), 4),
         "color_accuracy": round(sum(r["color_accuracy"] for r in tail) / len(tail), 4),
+    }
+
+
+def language_summary(language_log: list[dict[str, float]]) -> dict[str, Any]:
+    """Stage-0 summary: steps, and the held-out accuracy on symbolic scenes at each evaluated step."""
+    evaluated = [(int(r["step"]), round(r["val_accuracy"], 4)) for r in language_log if "val_accuracy" in r]
+    return {
+        "steps": len(language_log),
+        "val_accuracy": evaluated[-1][1] if evaluated else None,
+        "val_accuracy_by_step": dict(evaluated),
     }
 
 
