@@ -26,11 +26,19 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["SceneSymbols", "sample_patches", "symbolic_batch", "symbolic_logits"]
+from tokenreduce.reference import scenes as scenes_task
+
+__all__ = ["LABEL_CLASSES", "SceneSymbols", "sample_patches", "symbolic_batch", "symbolic_logits"]
 
 #: classes of the five per-patch labels: shape (none + 4), colour (none + 6), size (none + 2),
 #: cell row (3), cell column (3); the column order of :func:`tools.reference.train._token_tags`.
-LABEL_CLASSES = (5, 7, 3, 3, 3)
+LABEL_CLASSES = (
+    1 + len(scenes_task.SCENE_SHAPES),
+    1 + len(scenes_task.SCENE_COLORS),
+    1 + len(scenes_task.SIZES),
+    3,
+    3,
+)
 
 
 class SceneSymbols(torch.nn.Module):

@@ -41,7 +41,7 @@ from tokenreduce.reference import data, scenes  # noqa: E402
 from tokenreduce.reference.evaluate import evaluate_generate  # noqa: E402
 from tools.reference.build import ARCHS, ArchSettings, build_model, make_processor, num_visual_tokens  # noqa: E402
 from tools.reference.card import model_card  # noqa: E402
-from tools.reference.symbolic import SceneSymbols, sample_patches, symbolic_batch, symbolic_logits  # noqa: E402
+from tools.reference.symbolic import LABEL_CLASSES, SceneSymbols, sample_patches, symbolic_batch, symbolic_logits  # noqa: E402
 
 __all__ = [
     "TASKS",
@@ -703,7 +703,7 @@ def pretrain_vision(
     token_head = None
     if token_tags is not None:
         token_y = torch.stack([token_tags[i] for i in known])  # [N, T, 5]
-        token_classes = (len(shapes), len(colors), 1 + len(scenes.SIZES), 3, 3)
+        token_classes = LABEL_CLASSES
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(s.seed + 2)
             token_head = torch.nn.Linear(width, sum(token_classes))
