@@ -805,10 +805,15 @@ def _symbolic_forward(
 
 @torch.no_grad()
 def symbolic_accuracy(
-    model, symbols: SceneSymbols, encoded: _Encoded, token_tags: dict[int, torch.Tensor], s: TrainSettings
+    model,
+    symbols: SceneSymbols,
+    encoded: _Encoded,
+    token_tags: dict[int, torch.Tensor],
+    s: TrainSettings,
+    per_cell: bool = False,
 ) -> float:
     """Exact-match accuracy (answer and ``</s>``) on symbolic scenes of ``encoded``'s questions, with
-    a fixed patch sample (seeded by ``s.seed``)."""
+    a fixed patch sample (seeded by ``s.seed``; ``per_cell``: one symbol per grid cell)."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(s.seed * 1_000_003 + 1)
@@ -816,7 +821,9 @@ def symbolic_accuracy(
     per_batch = max(1, s.eval_batch_size // s.questions_per_image)
     right = total = 0
     for i in range(0, len(units), per_batch):
-        logits, targets = _symbolic_forward(model, symbols, encoded, token_tags, units[i : i + per_batch], g)
+        logits, targets = _symbolic_forward(
+            model, symbols, encoded, token_tags, units[i : i + per_batch], g, per_cell
+        )
         right += int((logits.argmax(-1) == targets).all(-1).sum())
         total += len(targets)
     model.train(was_training)
@@ -886,8 +893,11 @@ def pretrain_language(
         }
         if (step + 1) % s.eval_every == 0 or step + 1 == stage.steps:
             row["val_accuracy"] = symbolic_accuracy(model, symbols, val[0], val[1], s)
+            if per_cell:  # the curriculum's own scenes too: how far the per-cell phase has got
+                row["val_accuracy_per_cell"] = symbolic_accuracy(model, symbols, val[0], val[1], s, per_cell=True)
             if bar is not None:
-                bar.write(f"stage 0 step {step + 1}: symbolic val acc {row['val_accuracy']:.4f}")
+                extra = f" (one symbol per cell: {row['val_accuracy_per_cell']:.4f})" if per_cell else ""
+                bar.write(f"stage 0 step {step + 1}: symbolic val acc {row['val_accuracy']:.4f}{extra}")
         log.append(row)
         if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
