@@ -144,6 +144,7 @@ def test_stage_0_loss_goes_down_and_is_recorded(tmp_path):
         steps=1,
         language_pretrain_steps=40,
         language_pretrain_lr=3e-3,
+        language_pretrain_cells=0.5,
         vision_pretrain_steps=2,
         eval_every=20,
         ckpt_every=1,
@@ -153,6 +154,10 @@ def test_stage_0_loss_goes_down_and_is_recorded(tmp_path):
     metrics = train(arch, settings, tmp_path, show_progress=False)
     stage0 = metrics["language_pretrain"]
     assert stage0["steps"] == 40 and set(stage0["val_accuracy_by_step"]) == {20, 40}
+    # per question type at the last evaluation (patch samples, as the overall number there)
+    by_type = stage0["val_accuracy_by_type"]
+    assert by_type and set(by_type) <= set(scenes.QUESTION_TYPES)
+    assert min(by_type.values()) - 1e-4 <= stage0["val_accuracy"] <= max(by_type.values()) + 1e-4
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     losses = [r["loss"] for r in saved["language_log"]]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses

@@ -342,6 +342,8 @@ class _Encoded:
         if bool((self.answer_ids == tokenizer.unk_token_id).any()):
             raise ValueError("an answer is not a single token of the tokenizer")
         self.image_ids = [split.image_ids[i] for i in index]
+        types = getattr(split, "types", None)  # scenes: the question type of every row
+        self.types: list[str] | None = None if types is None else [types[i] for i in index]
         self.weights = _yes_no_weights([split.questions[i] for i in index], [split.answers[i] for i in index])
         self.by_image: dict[int, list[int]] = {}
         for row, img in enumerate(self.image_ids):
@@ -811,23 +813,30 @@ def symbolic_accuracy(
     token_tags: dict[int, torch.Tensor],
     s: TrainSettings,
     per_cell: bool = False,
+    by_type: dict[str, float] | None = None,
 ) -> float:
     """Exact-match accuracy (answer and ``</s>``) on symbolic scenes of ``encoded``'s questions, with
-    a fixed patch sample (seeded by ``s.seed``; ``per_cell``: one symbol per grid cell)."""
+    a fixed patch sample (seeded by ``s.seed``; ``per_cell``: one symbol per grid cell). A dict
+    given as ``by_type`` receives the accuracy per question type (scenes)."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(s.seed * 1_000_003 + 1)
     units = [_Unit(img, tuple(rows), len(rows)) for img, rows in sorted(encoded.by_image.items())]
     per_batch = max(1, s.eval_batch_size // s.questions_per_image)
-    right = total = 0
+    correct: list[bool] = []
     for i in range(0, len(units), per_batch):
-        logits, targets = _symbolic_forward(
-            model, symbols, encoded, token_tags, units[i : i + per_batch], g, per_cell
-        )
-        right += int((logits.argmax(-1) == targets).all(-1).sum())
-        total += len(targets)
+        logits, targets = _symbolic_forward(model, symbols, encoded, token_tags, units[i : i + per_batch], g, per_cell)
+        correct += (logits.argmax(-1) == targets).all(-1).tolist()
     model.train(was_training)
-    return right / total
+    if by_type is not None and encoded.types is not None:
+        rows = [r for u in units for r in u.rows[: u.real]]  # _symbolic_forward's row order
+        tally: dict[str, list[int]] = {}
+        for r, ok in zip(rows, correct):
+            t = tally.setdefault(encoded.types[r], [0, 0])
+            t[0] += int(ok)
+            t[1] += 1
+        by_type.update({typ: right / n for typ, (right, n) in sorted(tally.items())})
+    return sum(correct) / len(correct)
 
 
 def pretrain_language(
@@ -892,12 +901,19 @@ def pretrain_language(
             "accuracy": float((logits.argmax(-1) == targets).all(-1).float().mean()),
         }
         if (step + 1) % s.eval_every == 0 or step + 1 == stage.steps:
-            row["val_accuracy"] = symbolic_accuracy(model, symbols, val[0], val[1], s)
+            by_type: dict[str, float] = {}  # of the scenes the stage is training on at this step
+            row["val_accuracy"] = symbolic_accuracy(
+                model, symbols, val[0], val[1], s, by_type=None if per_cell else by_type
+            )
             if per_cell:  # the curriculum's own scenes too: how far the per-cell phase has got
-                row["val_accuracy_per_cell"] = symbolic_accuracy(model, symbols, val[0], val[1], s, per_cell=True)
+                row["val_accuracy_per_cell"] = symbolic_accuracy(
+                    model, symbols, val[0], val[1], s, per_cell=True, by_type=by_type
+                )
+            row.update({f"val_accuracy_{typ}": v for typ, v in by_type.items()})
             if bar is not None:
                 extra = f" (one symbol per cell: {row['val_accuracy_per_cell']:.4f})" if per_cell else ""
-                bar.write(f"stage 0 step {step + 1}: symbolic val acc {row['val_accuracy']:.4f}{extra}")
+                types = ", ".join(f"{typ} {v:.2f}" for typ, v in by_type.items())
+                bar.write(f"stage 0 step {step + 1}: symbolic val acc {row['val_accuracy']:.4f}{extra}; {types}")
         log.append(row)
         if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
@@ -1310,10 +1326,17 @@ def vision_summary(vision_log: list[dict[str, float]], last: int = 50) -> dict[s
 def language_summary(language_log: list[dict[str, float]]) -> dict[str, Any]:
     """Stage-0 summary: steps, and the held-out accuracy on symbolic scenes at each evaluated step."""
     evaluated = [(int(r["step"]), round(r["val_accuracy"], 4)) for r in language_log if "val_accuracy" in r]
+    last = next((r for r in reversed(language_log) if "val_accuracy" in r), {})
     return {
         "steps": len(language_log),
         "val_accuracy": evaluated[-1][1] if evaluated else None,
         "val_accuracy_by_step": dict(evaluated),
+        # per question type at the last evaluated step (scenes)
+        "val_accuracy_by_type": {
+            k.removeprefix("val_accuracy_"): round(v, 4)
+            for k, v in last.items()
+            if k.startswith("val_accuracy_") and k.removeprefix("val_accuracy_") in scenes.QUESTION_TYPES
+        },
     }
 
 
