@@ -342,8 +342,7 @@ class _Encoded:
         if bool((self.answer_ids == tokenizer.unk_token_id).any()):
             raise ValueError("an answer is not a single token of the tokenizer")
         self.image_ids = [split.image_ids[i] for i in index]
-        types = getattr(split, "types", None)  # scenes: the question type of every row
-        self.types: list[str] | None = None if types is None else [types[i] for i in index]
+        self.split, self.index = split, list(index)  # row -> its question in ``split``
         self.weights = _yes_no_weights([split.questions[i] for i in index], [split.answers[i] for i in index])
         self.by_image: dict[int, list[int]] = {}
         for row, img in enumerate(self.image_ids):
@@ -828,14 +827,11 @@ def symbolic_accuracy(
         logits, targets = _symbolic_forward(model, symbols, encoded, token_tags, units[i : i + per_batch], g, per_cell)
         correct += (logits.argmax(-1) == targets).all(-1).tolist()
     model.train(was_training)
-    if by_type is not None and encoded.types is not None:
-        rows = [r for u in units for r in u.rows[: u.real]]  # _symbolic_forward's row order
-        tally: dict[str, list[int]] = {}
-        for r, ok in zip(rows, correct):
-            t = tally.setdefault(encoded.types[r], [0, 0])
-            t[0] += int(ok)
-            t[1] += 1
-        by_type.update({typ: right / n for typ, (right, n) in sorted(tally.items())})
+    if by_type is not None and isinstance(encoded.split, scenes.ScenesSplit):
+        questions = [encoded.index[r] for u in units for r in u.rows[: u.real]]  # _symbolic_forward's order
+        by_type.update(
+            {typ: v["accuracy"] for typ, v in scenes.accuracy_by_type(encoded.split, questions, correct).items()}
+        )
     return sum(correct) / len(correct)
 
 
