@@ -9,7 +9,16 @@ import torch
 from safetensors.torch import load_file
 
 from tools.reference.build import ArchSettings
-from tools.reference.train import TINY_ARCH, TINY_TRAIN, TrainSettings, learning_rate, main, train
+from tools.reference.train import (
+    TINY_ARCH,
+    TINY_TRAIN,
+    TrainSettings,
+    _epoch_units,
+    _step_units,
+    learning_rate,
+    main,
+    train,
+)
 
 
 def _settings(**kw):
@@ -90,6 +99,19 @@ def test_learning_rate_warms_up_then_decays_to_the_floor():
     assert lrs[9] == pytest.approx(1e-3) and lrs[0] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert learning_rate(100, s) == pytest.approx(1e-4)
+
+
+def test_step_units_are_slices_of_their_epoch_in_any_call_order():
+    class Encoded:  # the attributes _step_units reads
+        by_image = {img: list(range(6 * img, 6 * img + 6)) for img in range(10)}  # 20 units of 4 questions
+        epoch_memo: dict = {}
+
+    items = tuple((img, tuple(rows)) for img, rows in Encoded.by_image.items())
+    for seed in (0, 1):  # a second seed must not reuse the first one's epochs
+        s = TrainSettings(images_per_batch=6, questions_per_image=4, seed=seed)  # 3 steps per epoch
+        for step in (4, 0, 7, 2, 3, 4):
+            epoch, b = divmod(step, 3)
+            assert _step_units(step, Encoded, s) == _epoch_units(items, 4, seed, epoch)[6 * b : 6 * b + 6]
 
 
 def test_command_line_runs_the_tiny_configuration(tmp_path, capsys):

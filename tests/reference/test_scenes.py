@@ -54,13 +54,22 @@ def _answer_from_scene(question: str, scene: scenes.Scene) -> str:
 
 
 def test_generation_is_deterministic():
-    a = scenes._generate("test", 30)
-    b = scenes._generate("test", 30)
+    a = scenes.generate_split("test", 30, 2_000_000)
+    b = scenes.generate_split("test", 30, 2_000_000)
     assert a == b
     assert a.questions == scenes.load_split("test").questions[: len(a)]
+    extra = scenes.generate_split("extra", 30, 3_000_000)
+    assert extra.name == "extra" and extra.questions != a.questions
     assert a.image(3).tobytes() == b.image(3).tobytes()
     assert scenes.make_scene(random.Random(7)) == scenes.make_scene(random.Random(7))
     assert scenes.make_scene(random.Random(7)) != scenes.make_scene(random.Random(8))
+
+
+def test_extra_scenes_never_reach_into_the_test_split():
+    with pytest.raises(ValueError, match=r"seeds 1999990..2000009 overlap the test split's \(2000000..2000999\)"):
+        scenes.generate_split("extra", 20, 1_999_990)
+    with pytest.raises(ValueError, match="num_images must be >= 1"):
+        scenes.generate_split("extra", 0, 3_000_000)
 
 
 def test_split_sizes_are_the_documented_ones(test_split):

@@ -166,7 +166,36 @@ def test_stage_0_loss_goes_down_and_is_recorded(tmp_path):
     assert "stage 0, language pre-training on symbolic scenes" in (tmp_path / "model" / "README.md").read_text()
 
 
+def test_stage_0_on_fresh_scenes_trains_on_them_and_not_on_the_training_split(tmp_path, monkeypatch):
+    import tools.reference.train as train_module
+
+    seen: list[str] = []
+    real = train_module.pretrain_language
+
+    def spy(model, symbols, encoded, token_tags, val, s, bar=None):
+        seen.append(encoded.split.name)
+        assert len(encoded.by_image) == 30 and len(token_tags) == 30
+        assert next(iter(token_tags.values())).dtype == torch.uint8
+        assert val[0].split.name == "train"  # held-out training images, as without fresh scenes
+        return real(model, symbols, encoded, token_tags, val, s, bar)
+
+    monkeypatch.setattr(train_module, "pretrain_language", spy)
+    arch, settings = _tiny(
+        steps=1,
+        language_pretrain_steps=3,
+        language_pretrain_scenes=30,
+        vision_pretrain_steps=1,
+        eval_every=3,
+        max_val_questions=12,
+        test_questions=0,
+    )
+    metrics = train(arch, settings, tmp_path, show_progress=False)
+    assert seen == ["symbolic"] and metrics["language_pretrain"]["steps"] == 3
+
+
 def test_stage_0_is_refused_where_it_cannot_work():
+    with pytest.raises(ValueError, match="language_pretrain_scenes: set language_pretrain_steps too"):
+        _tiny(language_pretrain_steps=0, language_pretrain_scenes=10)
     with pytest.raises(ValueError, match="language_pretrain_steps: symbolic scenes exist for --task scenes only"):
         TrainSettings(language_pretrain_steps=5, vision_pretrain_tokens=False)
     with pytest.raises(ValueError, match="stage 1 must align"):

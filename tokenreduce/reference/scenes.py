@@ -66,6 +66,7 @@ __all__ = [
     "Question",
     "ScenesSplit",
     "make_scene",
+    "generate_split",
     "render",
     "make_questions",
     "load_split",
@@ -382,10 +383,25 @@ class ScenesSplit:
         return [self.image(i) for i in range(self.num_images)]
 
 
-def _generate(split: str, num_images: int) -> ScenesSplit:
+def generate_split(name: str, num_images: int, seed_base: int) -> ScenesSplit:
+    """``num_images`` scenes with their questions, image ``i`` drawn from
+    ``random.Random(seed_base + i)``: the fixed splits are ``seed_base`` 1,000,000 (``train``) and
+    2,000,000 (``test``); a training recipe may draw extra scenes from other bases.
+
+    Raises:
+        ValueError: ``num_images`` < 1, or the seeds would reach into the test split's.
+    """
+    if num_images < 1:
+        raise ValueError(f"num_images must be >= 1, got {num_images}")
+    test = _SEED_BASE["test"]
+    if name != "test" and seed_base < test + SPLIT_SIZES["test"] and test < seed_base + num_images:
+        raise ValueError(
+            f"seeds {seed_base}..{seed_base + num_images - 1} overlap the test split's "
+            f"({test}..{test + SPLIT_SIZES['test'] - 1})"
+        )
     questions, answers_, image_ids, types, objects, scenes = [], [], [], [], [], []
     for img in range(num_images):
-        rng = random.Random(_SEED_BASE[split] + img)
+        rng = random.Random(seed_base + img)
         scene = make_scene(rng)
         scenes.append(scene)
         for q in make_questions(scene, rng):
@@ -395,7 +411,7 @@ def _generate(split: str, num_images: int) -> ScenesSplit:
             types.append(q.type)
             objects.append(q.objects)
     return ScenesSplit(
-        name=split,
+        name=name,
         questions=tuple(questions),
         answers=tuple(answers_),
         image_ids=tuple(image_ids),
@@ -414,7 +430,7 @@ def load_split(split: Literal["train", "test"]) -> ScenesSplit:
     """
     if split not in SPLITS:
         raise ValueError(f"unknown scenes split {split!r}; expected one of {SPLITS}")
-    return _generate(split, SPLIT_SIZES[split])
+    return generate_split(split, SPLIT_SIZES[split], _SEED_BASE[split])
 
 
 def answers() -> tuple[str, ...]:

@@ -62,6 +62,8 @@ PROG = "python -m tools.reference.train"
 
 #: The data sets a reference model can be trained on (``--task``).
 TASKS = ("easy_vqa", "scenes")
+#: stage 0's extra scenes (``--language-pretrain-scenes``) are drawn from seeds from here on
+SYMBOLIC_SEED_BASE = 3_000_000
 
 
 def task_data(task: str) -> types.ModuleType:
@@ -121,6 +123,14 @@ class TrainSettings(BaseModel):
         description="stage 0: fraction of its steps (the first ones) with one symbol per grid cell, before 1-3 "
         "symbols of every object and every cell's background (a curriculum: sparser scenes are learned faster)",
     )
+    language_pretrain_scenes: int = Field(
+        0,
+        ge=0,
+        description="stage 0: answer the questions of this many freshly generated scenes (seeds from "
+        f"{SYMBOLIC_SEED_BASE:,}, never the test split's) instead of the training split's, so that the decoder cannot "
+        "memorise a few thousand scenes over its many epochs (symbolic scenes are never drawn: they cost "
+        "no pixels); 0 = the training split",
+    )
     balance_yes_no: bool = Field(
         True,
         description="weight yes/no questions so that yes and no weigh the same within plain and within negated questions",
@@ -162,6 +172,8 @@ class TrainSettings(BaseModel):
             raise ValueError("vision_pretrain_tokens: per-token labels exist for --task scenes only")
         if self.language_pretrain_steps and self.task != "scenes":
             raise ValueError("language_pretrain_steps: symbolic scenes exist for --task scenes only")
+        if self.language_pretrain_scenes and not self.language_pretrain_steps:
+            raise ValueError("language_pretrain_scenes: set language_pretrain_steps too (the scenes are stage 0's)")
         if self.language_pretrain_steps and not (self.vision_pretrain_steps and self.vision_pretrain_tokens):
             raise ValueError(
                 "language_pretrain_steps: stage 1 must align the visual tokens with the symbols "
@@ -347,6 +359,7 @@ class _Encoded:
         self.by_image: dict[int, list[int]] = {}
         for row, img in enumerate(self.image_ids):
             self.by_image.setdefault(img, []).append(row)
+        self.epoch_memo: dict[str, Any] = {}  # _step_units' current epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -501,13 +514,19 @@ def _epoch_units(by_image_items: tuple[tuple[int, tuple[int, ...]], ...], k: int
 
 def _step_units(step: int, encoded: _Encoded, s: TrainSettings) -> list[_Unit]:
     """Units of optimizer step ``step`` (0-based): slice ``step % steps_per_epoch`` of the epoch's
-    units (the last partial slice of an epoch is skipped)."""
-    items = tuple((img, tuple(rows)) for img, rows in sorted(encoded.by_image.items()))
-    n_units = sum(-(-len(rows) // s.questions_per_image) for _, rows in items)
-    per_epoch = max(1, n_units // s.images_per_batch)
-    epoch, b = divmod(step, per_epoch)
-    units = _epoch_units(items, s.questions_per_image, s.seed, epoch)
-    return units[b * s.images_per_batch : (b + 1) * s.images_per_batch]
+    units (the last partial slice of an epoch is skipped). The epoch's units are kept on
+    ``encoded`` between calls: recomputing them costs time linear in the images, every step."""
+    memo = encoded.epoch_memo
+    key = (s.questions_per_image, s.images_per_batch, s.seed)
+    if memo.get("key") != key:
+        items = tuple((img, tuple(rows)) for img, rows in sorted(encoded.by_image.items()))
+        n_units = sum(-(-len(rows) // s.questions_per_image) for _, rows in items)
+        memo.clear()
+        memo.update(key=key, items=items, per_epoch=max(1, n_units // s.images_per_batch))
+    epoch, b = divmod(step, memo["per_epoch"])
+    if memo.get("epoch") != epoch:
+        memo.update(epoch=epoch, units=_epoch_units(memo["items"], s.questions_per_image, s.seed, epoch))
+    return memo["units"][b * s.images_per_batch : (b + 1) * s.images_per_batch]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -589,9 +608,11 @@ def _cell_tags(split: scenes.ScenesSplit, encoded: _Encoded) -> dict[int, tuple[
     return tags
 
 
-def _token_tags(split: scenes.ScenesSplit, encoded: _Encoded, side: int) -> dict[int, torch.Tensor]:
-    """Per-token stage-1 labels of the scenes task: per training image, ``[side * side, 5]`` int64
-    rows ``(shape, colour, size, cell row, cell column)`` of each patch in row-major order; shape,
+def _token_tags(
+    split: scenes.ScenesSplit, encoded: _Encoded, side: int, dtype: torch.dtype = torch.long
+) -> dict[int, torch.Tensor]:
+    """Per-token stage-1 labels of the scenes task: per training image, ``[side * side, 5]`` ``dtype``
+    (int64; uint8 holds them in an eighth of the memory) rows ``(shape, colour, size, cell row, cell column)`` of each patch in row-major order; shape,
     colour and size are those of the topmost object whose bounding box holds the patch centre, 0
     ("none") where no object does (1 + the index in ``SCENE_SHAPES`` / ``SCENE_COLORS`` / ``SIZES``
     otherwise)."""
@@ -609,7 +630,7 @@ def _token_tags(split: scenes.ScenesSplit, encoded: _Encoded, side: int) -> dict
             what[inside] = torch.tensor(
                 [1 + scenes.SCENE_SHAPES.index(o.shape), 1 + colors.index(o.color), 1 + scenes.SIZES.index(o.size)]
             )
-        tags[img] = torch.cat([what.view(-1, 3), rows[:, None], cols[:, None]], dim=1)
+        tags[img] = torch.cat([what.view(-1, 3), rows[:, None], cols[:, None]], dim=1).to(dtype)
     return tags
 
 
@@ -791,7 +812,7 @@ def _symbolic_forward(
     n_visual = int((encoded.prefix == image_token).sum())
     scenes_in, suffixes, rows = [], [], []
     for u in units:
-        labels = token_tags[u.image_id]
+        labels = token_tags[u.image_id].long()
         kept = sample_patches(labels, generator, per_cell=per_cell)
         for r in u.rows[: u.real]:
             scenes_in.append((labels, kept))
@@ -1050,11 +1071,15 @@ def train(
             mininterval=2.0,
             dynamic_ncols=True,
         )
+        stage0_split, stage0_enc = split, train_enc
+        if settings.language_pretrain_scenes:
+            stage0_split = scenes.generate_split("symbolic", settings.language_pretrain_scenes, SYMBOLIC_SEED_BASE)
+            stage0_enc = _Encoded(stage0_split, range(len(stage0_split)), tokenizer, arch.arch, n_visual)
         language_log = pretrain_language(
             model,
             symbols,
-            train_enc,
-            _token_tags(split, train_enc, side),
+            stage0_enc,
+            _token_tags(stage0_split, stage0_enc, side, dtype=torch.uint8),
             (val_enc, _token_tags(split, val_enc, side)),
             settings,
             lbar,
