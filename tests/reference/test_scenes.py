@@ -76,7 +76,7 @@ def test_split_sizes_are_the_documented_ones(test_split):
     assert scenes.SPLIT_SIZES == {"train": 8000, "test": 1000}
     assert test_split.num_images == 1000 and len(test_split) == 6000
     assert Counter(test_split.image_ids) == {img: scenes.QUESTIONS_PER_IMAGE for img in range(1000)}
-    assert len(scenes._generate("train", 10)) == 10 * scenes.QUESTIONS_PER_IMAGE
+    assert len(scenes.generate_split("train", 10, 1_000_000)) == 10 * scenes.QUESTIONS_PER_IMAGE
     with pytest.raises(ValueError, match="unknown scenes split 'val'"):
         scenes.load_split("val")
     with pytest.raises(KeyError, match="no image 1000"):

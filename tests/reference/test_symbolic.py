@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tokenreduce.reference import scenes
 from tools.reference.build import ArchSettings, build_model, make_processor, num_visual_tokens
@@ -172,12 +173,12 @@ def test_stage_0_on_fresh_scenes_trains_on_them_and_not_on_the_training_split(tm
     seen: list[str] = []
     real = train_module.pretrain_language
 
-    def spy(model, symbols, encoded, token_tags, val, s, bar=None):
+    def spy(model, symbols, encoded, token_tags, val, s, bar=None, **kw):
         seen.append(encoded.split.name)
         assert len(encoded.by_image) == 30 and len(token_tags) == 30
         assert next(iter(token_tags.values())).dtype == torch.uint8
         assert val[0].split.name == "train"  # held-out training images, as without fresh scenes
-        return real(model, symbols, encoded, token_tags, val, s, bar)
+        return real(model, symbols, encoded, token_tags, val, s, bar, **kw)
 
     monkeypatch.setattr(train_module, "pretrain_language", spy)
     arch, settings = _tiny(
@@ -191,6 +192,46 @@ def test_stage_0_on_fresh_scenes_trains_on_them_and_not_on_the_training_split(tm
     )
     metrics = train(arch, settings, tmp_path, show_progress=False)
     assert seen == ["symbolic"] and metrics["language_pretrain"]["steps"] == 3
+
+
+def test_a_run_stopped_in_stage_0_or_right_after_it_resumes_exactly(tmp_path, monkeypatch):
+    import tools.reference.train as train_module
+
+    arch, settings = _tiny(
+        steps=2,
+        language_pretrain_steps=6,
+        language_pretrain_cells=0.5,
+        vision_pretrain_steps=2,
+        eval_every=3,
+        max_val_questions=12,
+        test_questions=0,
+    )
+    whole = train(arch, settings, tmp_path / "whole", show_progress=False)
+
+    class Stop(Exception):
+        pass
+
+    real = train_module._save_checkpoint
+
+    def stop_after_a_stage_0_checkpoint(path, state):
+        real(path, state)
+        if "stage0" in state:
+            raise Stop
+
+    monkeypatch.setattr(train_module, "_save_checkpoint", stop_after_a_stage_0_checkpoint)
+    cut = tmp_path / "cut"
+    with pytest.raises(Stop):
+        train(arch, settings, cut, show_progress=False)
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["stage0"]["step"] == 3  # mid stage 0
+    with pytest.raises(Stop):
+        train(arch, settings, cut, resume=True, show_progress=False)
+    assert torch.load(cut / "checkpoint.pt", weights_only=False)["stage0"]["step"] == 6  # its end
+    monkeypatch.setattr(train_module, "_save_checkpoint", real)
+    resumed = train(arch, settings, cut, resume=True, show_progress=False)
+    assert resumed["language_pretrain"] == whole["language_pretrain"]
+    a = load_file(tmp_path / "whole" / "model" / "model.safetensors")
+    b = load_file(cut / "model" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_stage_0_is_refused_where_it_cannot_work():

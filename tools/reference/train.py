@@ -864,6 +864,8 @@ def pretrain_language(
     val: tuple[_Encoded, dict[int, torch.Tensor]],
     s: TrainSettings,
     bar=None,
+    resume_from: dict[str, Any] | None = None,
+    save: typing.Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Stage 0 (scenes): train the language model and ``symbols`` to answer the training questions
     on symbolic scenes (tools/reference/symbolic.py); the vision tower and projector are untouched.
@@ -873,7 +875,9 @@ def pretrain_language(
     ``language_pretrain_lr``; the first ``language_pretrain_cells`` of the steps keep one symbol per
     grid cell, the others 1-3 per object and per cell background; the patch samples are a pure
     function of ``(seed, step)``. Every
-    ``eval_every`` steps the accuracy on symbolic scenes of the held-out questions ``val`` is logged.
+    ``eval_every`` steps the accuracy on symbolic scenes of the held-out questions ``val`` is logged
+    and ``save`` (if given) receives the stage's state ``{"step", "optimizer", "log"}``, from which
+    ``resume_from`` continues exactly (the batches and patch samples are functions of the step).
 
     Returns:
         per-step ``{"step", "loss", "accuracy"}``, with ``"val_accuracy"`` on evaluated steps.
@@ -898,8 +902,14 @@ def pretrain_language(
         betas=(0.9, 0.98),
     )
     log: list[dict[str, float]] = []
+    first = 0
+    if resume_from is not None:
+        opt.load_state_dict(resume_from["optimizer"])
+        log, first = list(resume_from["log"]), int(resume_from["step"])
+        if bar is not None:
+            bar.update(first)
     model.train()
-    for step in range(stage.steps):
+    for step in range(first, stage.steps):
         g = torch.Generator().manual_seed(s.seed * 1_000_003 + 15_485_863 * (step + 1))
         per_cell = step < round(s.language_pretrain_cells * stage.steps)
         logits, targets = _symbolic_forward(
@@ -932,6 +942,8 @@ def pretrain_language(
                 types = ", ".join(f"{typ} {v:.2f}" for typ, v in by_type.items())
                 bar.write(f"stage 0 step {step + 1}: symbolic val acc {row['val_accuracy']:.4f}{extra}; {types}")
         log.append(row)
+        if save is not None and "val_accuracy" in row:
+            save({"step": step + 1, "optimizer": opt.state_dict(), "log": log})
         if bar is not None:
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{row['accuracy']:.2f}", refresh=False)
             bar.update(1)
@@ -1052,9 +1064,35 @@ def train(
 
     vision_log: list[dict[str, float]] = []
     language_log: list[dict[str, float]] = []
+    stage0_saved: dict[str, Any] | None = None  # a checkpoint written in stage 0 or at its end
     if resume:
         vision_log = saved.get("vision_log", [])
         language_log = saved.get("language_log", [])
+        stage0_saved = saved.get("stage0")
+
+    def checkpoint(**override: Any) -> None:
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "arch": arch.model_dump(),
+                "train": settings.model_dump(),
+                "train_seconds": train_seconds,
+                "wall_seconds": time.perf_counter() - t_wall,
+                "commands": commands,
+                "best_val": best_val,
+                "best_step": best_step,
+                "history": history,
+                "evals": evals,
+                "torch_rng": torch.get_rng_state(),
+                "vision_log": vision_log,
+                "language_log": language_log,
+                **override,
+            },
+        )
+
     symbols = None
     if settings.language_pretrain_steps and not language_log:
         if arch.arch != "llava":
@@ -1064,6 +1102,16 @@ def train(
         t_stage = time.perf_counter()
         side = math.isqrt(n_visual)
         symbols = SceneSymbols(arch.text_hidden, std=arch.initializer_range, seed=settings.seed + 3)
+        if stage0_saved is not None:
+            symbols.load_state_dict(stage0_saved["symbols"])
+
+        def save_stage0(state: dict[str, Any]) -> None:
+            # stage 0 so far (its own optimizer, log and the symbols); a resumed run continues it, or
+            # starts stage 1 from it once its last step is in
+            assert symbols is not None
+            seconds = train_seconds + time.perf_counter() - t_stage
+            checkpoint(train_seconds=seconds, stage0={**state, "symbols": symbols.state_dict()})
+
         lbar = tqdm(
             total=settings.language_pretrain_steps,
             desc="stage 0: symbolic scenes",
@@ -1071,19 +1119,24 @@ def train(
             mininterval=2.0,
             dynamic_ncols=True,
         )
-        stage0_split, stage0_enc = split, train_enc
-        if settings.language_pretrain_scenes:
-            stage0_split = scenes.generate_split("symbolic", settings.language_pretrain_scenes, SYMBOLIC_SEED_BASE)
-            stage0_enc = _Encoded(stage0_split, range(len(stage0_split)), tokenizer, arch.arch, n_visual)
-        language_log = pretrain_language(
-            model,
-            symbols,
-            stage0_enc,
-            _token_tags(stage0_split, stage0_enc, side, dtype=torch.uint8),
-            (val_enc, _token_tags(split, val_enc, side)),
-            settings,
-            lbar,
-        )
+        if stage0_saved is not None and stage0_saved["step"] >= settings.language_pretrain_steps:
+            language_log = list(stage0_saved["log"])  # stage 0 was over: stage 1 next
+        else:
+            stage0_split, stage0_enc = split, train_enc
+            if settings.language_pretrain_scenes:
+                stage0_split = scenes.generate_split("symbolic", settings.language_pretrain_scenes, SYMBOLIC_SEED_BASE)
+                stage0_enc = _Encoded(stage0_split, range(len(stage0_split)), tokenizer, arch.arch, n_visual)
+            language_log = pretrain_language(
+                model,
+                symbols,
+                stage0_enc,
+                _token_tags(stage0_split, stage0_enc, side, dtype=torch.uint8),
+                (val_enc, _token_tags(split, val_enc, side)),
+                settings,
+                lbar,
+                resume_from=stage0_saved,
+                save=save_stage0,
+            )
         lbar.close()
         train_seconds += time.perf_counter() - t_stage
     if settings.vision_pretrain_steps and not vision_log:
@@ -1106,28 +1159,6 @@ def train(
         tqdm.write(
             f"stage 1 done: shape acc {sum(r['shape_accuracy'] for r in last) / len(last):.3f}, colour acc "
             f"{sum(r['color_accuracy'] for r in last) / len(last):.3f} (mean of the last {len(last)} steps)"
-        )
-
-    def checkpoint() -> None:
-        _save_checkpoint(
-            ckpt_path,
-            {
-                "step": step,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "arch": arch.model_dump(),
-                "train": settings.model_dump(),
-                "train_seconds": train_seconds,
-                "wall_seconds": time.perf_counter() - t_wall,
-                "commands": commands,
-                "best_val": best_val,
-                "best_step": best_step,
-                "history": history,
-                "evals": evals,
-                "torch_rng": torch.get_rng_state(),
-                "vision_log": vision_log,
-                "language_log": language_log,
-            },
         )
 
     def evaluate_and_keep_best() -> None:
