@@ -43,15 +43,25 @@ LABEL_CLASSES = (
 
 class SceneSymbols(torch.nn.Module):
     """The symbol of a patch: the sum of one learned embedding per label (``[..., 5]`` int64 labels
-    -> ``[..., width]``), initialised like the language model's embeddings (normal, std ``std``)."""
+    -> ``[..., width]``).
 
-    def __init__(self, width: int, std: float = 0.02, seed: int = 0):
+    Each table starts with orthonormal rows (every value of a label at distance sqrt(2) from every
+    other, when ``width`` is at least the number of values), not with the language model's small normal init: at std 0.02 in width 64 the rows of
+    the three sizes start 0.2 apart and stayed there through 18,000 steps of stage 0 (size questions
+    at chance while every other label separated to 1.5-2.1), a saddle the wider start avoids.
+    """
+
+    def __init__(self, width: int, seed: int = 0):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.tables = torch.nn.ModuleList(torch.nn.Embedding(n, width) for n in LABEL_CLASSES)
             for table in self.tables:
-                torch.nn.init.normal_(table.weight, std=std)
+                torch.nn.init.orthogonal_(table.weight)
+
+    def row_distances(self) -> list[float]:
+        """The smallest distance between two rows of each label table (a stuck label shows as ~0)."""
+        return [float(torch.pdist(table.weight.detach()).min()) for table in self.tables]
 
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         if labels.shape[-1] != len(LABEL_CLASSES):

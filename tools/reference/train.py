@@ -937,10 +937,16 @@ def pretrain_language(
                     model, symbols, val[0], val[1], s, per_cell=True, by_type=by_type
                 )
             row.update({f"val_accuracy_{typ}": v for typ, v in by_type.items()})
+            # the closest two values of each label: one near 0 is a label the symbols cannot tell apart
+            row["symbol_row_distance"] = symbols.row_distances()
             if bar is not None:
                 extra = f" (one symbol per cell: {row['val_accuracy_per_cell']:.4f})" if per_cell else ""
                 types = ", ".join(f"{typ} {v:.2f}" for typ, v in by_type.items())
-                bar.write(f"stage 0 step {step + 1}: symbolic val acc {row['val_accuracy']:.4f}{extra}; {types}")
+                apart = " ".join(f"{d:.2f}" for d in row["symbol_row_distance"])
+                bar.write(
+                    f"stage 0 step {step + 1}: symbolic val acc {row['val_accuracy']:.4f}{extra}; {types};"
+                    f" closest symbol rows (shape colour size row col) {apart}"
+                )
         log.append(row)
         if save is not None and "val_accuracy" in row:
             save({"step": step + 1, "optimizer": opt.state_dict(), "log": log})
@@ -1101,7 +1107,7 @@ def train(
             )
         t_stage = time.perf_counter()
         side = math.isqrt(n_visual)
-        symbols = SceneSymbols(arch.text_hidden, std=arch.initializer_range, seed=settings.seed + 3)
+        symbols = SceneSymbols(arch.text_hidden, seed=settings.seed + 3)
         if stage0_saved is not None:
             symbols.load_state_dict(stage0_saved["symbols"])
 
