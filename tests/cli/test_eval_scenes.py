@@ -1,6 +1,7 @@
-"""``tokenreduce eval task=scenes``: the generated cluttered-scenes task end to end on the shipped
-reference model (trained on easy-VQA, so its accuracy here means nothing; the run must complete
-and write the accuracy per question type and the noise levels), single and sharded."""
+"""``tokenreduce eval model=scenes_llava``: the generated cluttered-scenes task end to end on the
+shipped scenes reference model, which selects its own task and suite (here narrowed to a handful of
+questions and one plan): the run must complete and write the accuracy per question type and the
+noise levels, single and sharded."""
 
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ from tokenreduce.measure.tasks import load_task
 from tokenreduce.reference import scenes
 
 ARGS = [
-    "task=scenes",
+    "model=scenes_llava",
     "task.n=6",
     "eval.batch_size=2",
     "eval.max_new_tokens=2",
     "eval.progress=false",
     "eval.plot=false",
     "eval.log_samples=true",
-    "plans=[ref_pio_11]",
+    "plans=[scenes_pio_11]",
 ]
 
 
@@ -46,7 +47,10 @@ def test_eval_on_scenes_writes_accuracy_by_type_and_the_merged_shards_equal_it(t
     assert main(["eval", *ARGS, f"out_dir={single}"]) == 0
     assert "scenes (test, 6 questions, seed 0)" in capsys.readouterr().out
     results = _results(single)
-    assert results["task"]["name"] == "scenes" and [m["name"] for m in results["metrics"]] == ["vanilla", "ref_pio_11"]
+    assert results["task"]["name"] == "scenes" and [m["name"] for m in results["metrics"]] == [
+        "vanilla",
+        "scenes_pio_11",
+    ]
     types = [ex.qtype for ex in load_task({"name": "scenes", "n": 6})]
     for m in results["metrics"]:
         by_type = m["accuracy_by_type"]

@@ -12,7 +12,7 @@ from tokenreduce.reference.evaluate import evaluate_generate
 
 LLAVA = "easyvqa-llava"
 QWEN = "easyvqa-qwen2_5_vl"
-SHIPPED = [name for name in REFERENCE_MODELS if name in reference_names()]
+SHIPPED = [name for name in REFERENCE_MODELS if name in reference_names() and name.startswith("easyvqa-")]
 _LOADED: dict = {}
 
 

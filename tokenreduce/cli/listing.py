@@ -70,6 +70,8 @@ def _preset_summary(path: Path) -> str:
         return "(unreadable)"
     if not isinstance(data, dict):
         return ""
+    if isinstance(data.get(path.parent.name), dict):  # a `# @package _global_` conf nests its own group
+        data = data[path.parent.name]
     for key in ("description",):
         if data.get(key):
             return str(data[key])

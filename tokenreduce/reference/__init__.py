@@ -17,7 +17,7 @@ from pathlib import Path
 __all__ = ["REFERENCE_MODELS", "reference_names", "reference_dir", "load_reference", "load_folder"]
 
 #: Names of the reference models this package may ship (a name is loadable once its folder exists).
-REFERENCE_MODELS = ("easyvqa-llava", "easyvqa-qwen2_5_vl")
+REFERENCE_MODELS = ("easyvqa-llava", "easyvqa-qwen2_5_vl", "scenes-llava")
 
 
 def _models_root() -> Path:
