@@ -87,6 +87,19 @@ def test_symbols_sum_one_embedding_per_label():
         symbols(torch.zeros(2, 4, dtype=torch.long))
 
 
+def test_symbol_tables_start_with_every_value_of_a_label_apart():
+    """At the language model's std 0.02 the two size rows started 0.2 apart and never separated:
+    every table now starts orthonormal, and row_distances reports the closest pair per table."""
+    symbols = SceneSymbols(64, seed=3)
+    for table, closest in zip(symbols.tables, symbols.row_distances()):
+        w = table.weight.detach()
+        torch.testing.assert_close(w @ w.T, torch.eye(len(w)), atol=1e-5, rtol=0)
+        assert abs(closest - 2**0.5) < 1e-4
+    with torch.no_grad():
+        symbols.tables[2].weight[2] = symbols.tables[2].weight[1]  # a stuck label shows as 0
+    assert symbols.row_distances()[2] == 0.0
+
+
 def test_a_symbolic_prompt_with_every_patch_is_the_full_prompt_with_symbols_for_image_features(split):
     """Keeping all patches must reproduce the decoder's forward on the real prompt, with the
     projected visual tokens replaced by the symbols: same tokens, same position ids."""
